@@ -1,0 +1,1 @@
+"""exo: one daemon per machine, pooled into one LLM inference service."""

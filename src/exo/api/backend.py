@@ -1,0 +1,49 @@
+"""What the HTTP API needs from the node it runs in; the node implements it, tests read it."""
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+from anyio.abc import ObjectReceiveStream
+
+from exo.shared.types.commands import Command, CommandReply
+from exo.shared.types.events import IndexedEvent
+from exo.shared.types.ids import ModelId, NodeId, TaskId
+from exo.shared.types.models import ModelCard
+from exo.shared.types.state import State
+from exo.shared.types.stream import StreamMessage
+
+
+class ApiBackend(Protocol):
+    @property
+    def node_id(self) -> NodeId: ...
+
+    def state(self) -> State:
+        """The state as folded up to this node's last applied event."""
+        ...
+
+    def model_cards(self) -> Sequence[ModelCard]: ...
+
+    def model_card(self, model_id: ModelId) -> ModelCard | None: ...
+
+    async def send_command(self, command: Command) -> CommandReply:
+        """Deliver to the master and wait for its accept/reject (raises TimeoutError)."""
+        ...
+
+    async def wait_for_state(
+        self, predicate: Callable[[State], bool], timeout_s: float
+    ) -> State:
+        """Return the first state (current or later) satisfying predicate; TimeoutError if none."""
+        ...
+
+    def subscribe_stream(
+        self, task_id: TaskId
+    ) -> AbstractAsyncContextManager[ObjectReceiveStream[StreamMessage]]:
+        """Receive the task's generated tokens; subscribe before the task is created."""
+        ...
+
+    def subscribe_events(
+        self, from_index: int
+    ) -> AbstractAsyncContextManager[ObjectReceiveStream[IndexedEvent]]:
+        """Indexed events from `from_index` on (replayed from the log, then live)."""
+        ...

@@ -1,0 +1,58 @@
+"""Node configuration: every port, path and timeout, from flags and environment."""
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+
+from exo.shared.types.base import Frozen
+
+DEFAULT_API_PORT = 52415
+DEFAULT_MESH_PORT = 52416
+
+
+def data_dir_default() -> Path:
+    home = os.environ.get("EXO_HOME")
+    if home:
+        return Path(home) / "data"
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "exo"
+
+
+def cache_dir_default() -> Path:
+    home = os.environ.get("EXO_HOME")
+    if home:
+        return Path(home) / "cache"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "exo"
+
+
+class NodeConfig(Frozen):
+    api_host: str = "0.0.0.0"
+    api_port: int = Field(default=DEFAULT_API_PORT, ge=0, lt=65536)
+    data_dir: Path
+    cache_dir: Path
+    dashboard_dir: Path | None = None
+    # Model placed at start-up (None: place on the first request).
+    preload_model: str | None = None
+    verbose: bool = False
+    # fsync every log batch before it is applied or acked (off only for throwaway tests).
+    fsync: bool = True
+    snapshot_every: int = Field(default=1000, ge=10)
+    command_timeout_s: float = Field(default=10.0, gt=0)
+    runner_load_timeout_s: float = Field(default=300.0, gt=0)
+    # Added to a request's own budget: a silent runner fails the request, never hangs it.
+    generation_stall_timeout_s: float = Field(default=120.0, gt=0)
+    engine: str | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "events.log"
+
+    @property
+    def model_store_dir(self) -> Path:
+        return self.cache_dir / "models"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.cache_dir / "logs"

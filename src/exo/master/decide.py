@@ -1,0 +1,123 @@
+"""The master's pure half: a command and the state in, events and a reply out."""
+
+from collections.abc import Callable
+
+from exo.master.placement import PlacementError, place_instance
+from exo.shared.types.base import Frozen
+from exo.shared.types.commands import (
+    CancelTask,
+    CommandEnvelope,
+    CreateTask,
+    DeleteInstance,
+    PlaceInstance,
+    RejectionCode,
+)
+from exo.shared.types.events import (
+    Event,
+    InstanceCreated,
+    InstanceDeleted,
+    TaskCancelled,
+    TaskCreated,
+)
+from exo.shared.types.ids import InstanceId, ModelId, RunnerId
+from exo.shared.types.instances import EngineName, Instance
+from exo.shared.types.models import ModelCard
+from exo.shared.types.state import State
+from exo.shared.types.tasks import Task
+
+
+class Decision(Frozen):
+    events: tuple[Event, ...] = ()
+    created_id: str | None = None
+
+
+class Rejection(Frozen):
+    code: RejectionCode
+    message: str
+
+
+class DecideContext(Frozen):
+    """Everything impure the decision needs, fixed by the caller (ids, clock, catalogue)."""
+
+    now_ms: int
+    new_instance_id: InstanceId
+    new_runner_ids: list[RunnerId]
+    default_engine: EngineName
+
+
+def decide(
+    state: State,
+    envelope: CommandEnvelope,
+    card_for: Callable[[ModelId], ModelCard | None],
+    ctx: DecideContext,
+) -> Decision | Rejection:
+    command = envelope.command
+    match command:
+        case PlaceInstance():
+            card = card_for(command.model_id)
+            if card is None:
+                return Rejection(code="unknown_model", message=f"unknown model {command.model_id}")
+            return _place(state, command, card, ctx)
+        case DeleteInstance(instance_id=instance_id):
+            if instance_id not in state.instances:
+                return Rejection(code="not_found", message=f"no instance {instance_id}")
+            event = InstanceDeleted(instance_id=instance_id, reason="deleted by request")
+            return Decision(events=(event,), created_id=instance_id)
+        case CreateTask():
+            if card_for(command.model_id) is None:
+                return Rejection(code="unknown_model", message=f"unknown model {command.model_id}")
+            instance = serving_instance(state, command.model_id)
+            if instance is None:
+                return Rejection(
+                    code="no_instance", message=f"no running instance of {command.model_id}"
+                )
+            task = Task(
+                task_id=command.task_id,
+                instance_id=instance.instance_id,
+                owner=command.owner,
+                params=command.params,
+                created_at_ms=ctx.now_ms,
+            )
+            return Decision(events=(TaskCreated(task=task),), created_id=command.task_id)
+        case CancelTask(task_id=task_id, reason=reason):
+            if task_id not in state.tasks:
+                return Decision()  # already over: cancelling is idempotent
+            return Decision(events=(TaskCancelled(task_id=task_id, reason=reason),))
+
+
+def serving_instance(state: State, model_id: ModelId) -> Instance | None:
+    """The healthy instance of a model with the fewest tasks in flight."""
+    candidates = [
+        i for i in state.instances.values() if i.model_id == model_id and i.failed_reason is None
+    ]
+    if not candidates:
+        return None
+    in_flight = {i.instance_id: 0 for i in candidates}
+    for task in state.tasks.values():
+        if task.instance_id in in_flight:
+            in_flight[task.instance_id] += 1
+    return min(candidates, key=lambda i: (in_flight[i.instance_id], i.created_at_ms))
+
+
+def _place(
+    state: State, command: PlaceInstance, card: ModelCard, ctx: DecideContext
+) -> Decision | Rejection:
+    existing = serving_instance(state, command.model_id)
+    if existing is not None and command.node_id is None:
+        return Decision(created_id=existing.instance_id)  # placing is idempotent per model
+    # A failed instance of the model only holds memory: clear it before placing anew.
+    cleanup: list[Event] = [
+        InstanceDeleted(instance_id=i.instance_id, reason=f"replaced after failure: {i.failed_reason}")
+        for i in state.instances.values()
+        if i.model_id == command.model_id and i.failed_reason is not None
+    ]
+    shards = place_instance(card, state, command, ctx.new_runner_ids, ctx.default_engine)
+    if isinstance(shards, PlacementError):
+        return Rejection(code="placement_failed", message=shards.reason)
+    instance = Instance(
+        instance_id=ctx.new_instance_id,
+        model_id=command.model_id,
+        shards=shards,
+        created_at_ms=ctx.now_ms,
+    )
+    return Decision(events=(*cleanup, InstanceCreated(instance=instance)), created_id=instance.instance_id)

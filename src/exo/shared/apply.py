@@ -1,0 +1,173 @@
+"""The pure fold of the event log into `State`: no I/O, no clock, no randomness."""
+
+from collections.abc import Iterable
+from typing import TypeVar
+
+from exo.shared.types.events import (
+    Event,
+    IndexedEvent,
+    InstanceCreated,
+    InstanceDeleted,
+    ModelStoreProgress,
+    NodeStarted,
+    RunnerStatusChanged,
+    TaskCreated,
+    TaskCancelled,
+    TaskFailed,
+    TaskFinished,
+    TaskFirstToken,
+    TaskStarted,
+)
+from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
+from exo.shared.types.runners import RunnerFailed, RunnerSpawning, RunnerStatus
+from exo.shared.types.state import NodeInfo, State, TaskCounters
+from exo.shared.types.tasks import Task
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class ApplyError(ValueError):
+    """An indexed event that cannot follow the state (wrong index or stale term)."""
+
+
+def apply(state: State, indexed: IndexedEvent) -> State:
+    if indexed.index != state.last_index + 1:
+        raise ApplyError(f"event index {indexed.index} does not follow {state.last_index}")
+    if indexed.term < state.term:
+        raise ApplyError(f"event term {indexed.term} is older than {state.term}")
+    next_state = _apply_event(state, indexed.event)
+    origin_seqs = dict(next_state.origin_seqs)
+    origin_seqs[indexed.origin] = max(origin_seqs.get(indexed.origin, -1), indexed.origin_seq)
+    return next_state.model_copy(
+        update={"last_index": indexed.index, "term": indexed.term, "origin_seqs": origin_seqs}
+    )
+
+
+def fold(state: State, events: Iterable[IndexedEvent]) -> State:
+    for indexed in events:
+        state = apply(state, indexed)
+    return state
+
+
+def _apply_event(state: State, event: Event) -> State:
+    match event:
+        case NodeStarted():
+            return _node_started(state, event)
+        case InstanceCreated(instance=instance):
+            instances = {**state.instances, instance.instance_id: instance}
+            runners = dict(state.runners)
+            for shard in instance.shards:
+                runners[shard.runner_id] = RunnerSpawning()
+            return state.model_copy(update={"instances": instances, "runners": runners})
+        case InstanceDeleted(instance_id=instance_id, reason=reason):
+            return _delete_instance(state, instance_id, reason)
+        case RunnerStatusChanged(runner_id=runner_id, status=status):
+            return _runner_status(state, runner_id, status)
+        case TaskCreated(task=task):
+            if task.instance_id not in state.instances:
+                return _count_failed(state, 1)
+            return state.model_copy(update={"tasks": {**state.tasks, task.task_id: task}})
+        case TaskStarted(task_id=task_id) | TaskFirstToken(task_id=task_id):
+            task = state.tasks.get(task_id)
+            if task is None or task.status == "running":
+                return state
+            running = task.model_copy(update={"status": "running"})
+            return state.model_copy(update={"tasks": {**state.tasks, task_id: running}})
+        case TaskFinished(task_id=task_id, completion_tokens=completion_tokens):
+            if task_id not in state.tasks:
+                return state
+            counters = state.counters.model_copy(
+                update={
+                    "finished": state.counters.finished + 1,
+                    "completion_tokens": state.counters.completion_tokens + completion_tokens,
+                }
+            )
+            return state.model_copy(
+                update={"tasks": _without(state.tasks, {task_id}), "counters": counters}
+            )
+        case TaskFailed(task_id=task_id) | TaskCancelled(task_id=task_id):
+            if task_id not in state.tasks:
+                return state
+            return _drop_failed_tasks(state, {task_id})
+        case ModelStoreProgress():
+            key = f"{event.node_id}/{event.model_id}"
+            return state.model_copy(update={"model_progress": {**state.model_progress, key: event}})
+
+
+def _node_started(state: State, event: NodeStarted) -> State:
+    info = NodeInfo(
+        node_id=event.node_id,
+        session=event.session,
+        hostname=event.hostname,
+        api_port=event.api_port,
+        started_at_ms=event.started_at_ms,
+    )
+    state = state.model_copy(update={"nodes": {**state.nodes, event.node_id: info}})
+    # The old process's connections and runners are gone: its tasks cannot finish.
+    lost = {
+        task_id
+        for task_id, task in state.tasks.items()
+        if task.owner == event.node_id or _task_runs_on(state, task, event.node_id)
+    }
+    return _drop_failed_tasks(state, lost)
+
+
+def _task_runs_on(state: State, task: Task, node_id: NodeId) -> bool:
+    instance = state.instances.get(task.instance_id)
+    return instance is not None and any(s.node_id == node_id for s in instance.shards)
+
+
+def _runner_status(state: State, runner_id: RunnerId, status: RunnerStatus) -> State:
+    if runner_id not in state.runners:
+        return state  # a late report from a runner whose instance is already deleted
+    state = state.model_copy(update={"runners": {**state.runners, runner_id: status}})
+    if not isinstance(status, RunnerFailed):
+        return state
+    instance = next(
+        (i for i in state.instances.values() if any(s.runner_id == runner_id for s in i.shards)),
+        None,
+    )
+    if instance is None or instance.failed_reason is not None:
+        return state
+    failed = instance.model_copy(update={"failed_reason": status.reason})
+    state = state.model_copy(
+        update={"instances": {**state.instances, instance.instance_id: failed}}
+    )
+    return _drop_failed_tasks(state, _tasks_of(state, instance.instance_id))
+
+
+def _delete_instance(state: State, instance_id: InstanceId, reason: str) -> State:
+    instance = state.instances.get(instance_id)
+    if instance is None:
+        return state
+    state = _drop_failed_tasks(state, _tasks_of(state, instance_id))
+    return state.model_copy(
+        update={
+            "instances": _without(state.instances, {instance_id}),
+            "runners": _without(state.runners, {s.runner_id for s in instance.shards}),
+        }
+    )
+
+
+def _tasks_of(state: State, instance_id: InstanceId) -> set[TaskId]:
+    return {t.task_id for t in state.tasks.values() if t.instance_id == instance_id}
+
+
+def _drop_failed_tasks(state: State, task_ids: set[TaskId]) -> State:
+    if not task_ids:
+        return state
+    return _count_failed(
+        state.model_copy(update={"tasks": _without(state.tasks, task_ids)}), len(task_ids)
+    )
+
+
+def _count_failed(state: State, n: int) -> State:
+    counters: TaskCounters = state.counters.model_copy(
+        update={"failed": state.counters.failed + n}
+    )
+    return state.model_copy(update={"counters": counters})
+
+
+def _without(mapping: dict[K, V], keys: set[K]) -> dict[K, V]:
+    return {k: v for k, v in mapping.items() if k not in keys}

@@ -1,0 +1,73 @@
+"""Commands: requests to the master, each answered by an explicit accept or typed reject."""
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from exo.shared.types.base import Frozen
+from exo.shared.types.chat import ChatParams
+from exo.shared.types.ids import CommandId, InstanceId, ModelId, NodeId, TaskId
+from exo.shared.types.instances import EngineName
+
+
+class PlaceInstance(Frozen):
+    kind: Literal["place_instance"] = "place_instance"
+    model_id: ModelId
+    # Pin to one node (None: the master chooses).
+    node_id: NodeId | None = None
+    engine: EngineName | None = None
+
+
+class DeleteInstance(Frozen):
+    kind: Literal["delete_instance"] = "delete_instance"
+    instance_id: InstanceId
+
+
+class CreateTask(Frozen):
+    kind: Literal["create_task"] = "create_task"
+    task_id: TaskId
+    model_id: ModelId
+    owner: NodeId
+    params: ChatParams
+
+
+class CancelTask(Frozen):
+    kind: Literal["cancel_task"] = "cancel_task"
+    task_id: TaskId
+    reason: str
+
+
+Command = Annotated[
+    PlaceInstance | DeleteInstance | CreateTask | CancelTask,
+    Field(discriminator="kind"),
+]
+
+
+class CommandEnvelope(Frozen):
+    command_id: CommandId
+    origin: NodeId
+    command: Command
+
+
+RejectionCode = Literal[
+    "unknown_model", "no_instance", "not_found", "placement_failed", "not_master", "invalid"
+]
+
+
+class CommandAccepted(Frozen):
+    kind: Literal["accepted"] = "accepted"
+    command_id: CommandId
+    # The id the command created (instance or task), when it created one.
+    created_id: str | None = None
+    # Log index of the last event the command produced: wait for it to be applied.
+    last_index: int = Field(ge=-1)
+
+
+class CommandRejected(Frozen):
+    kind: Literal["rejected"] = "rejected"
+    command_id: CommandId
+    code: RejectionCode
+    message: str
+
+
+CommandReply = Annotated[CommandAccepted | CommandRejected, Field(discriminator="kind")]

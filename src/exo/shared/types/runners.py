@@ -1,0 +1,53 @@
+"""Runner lifecycle: every status a runner reports, as one discriminated union."""
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from exo.shared.types.base import Frozen
+
+
+class RunnerSpawning(Frozen):
+    kind: Literal["spawning"] = "spawning"
+
+
+class RunnerLoading(Frozen):
+    kind: Literal["loading"] = "loading"
+    # Fraction in [0, 1] of the shard's weights loaded (or converted, before loading).
+    progress: float = Field(ge=0.0, le=1.0)
+
+
+class RunnerWarmingUp(Frozen):
+    kind: Literal["warming_up"] = "warming_up"
+
+
+class RunnerReady(Frozen):
+    kind: Literal["ready"] = "ready"
+
+
+class RunnerRunning(Frozen):
+    kind: Literal["running"] = "running"
+
+
+class RunnerFailed(Frozen):
+    kind: Literal["failed"] = "failed"
+    reason: str
+
+
+class RunnerStopped(Frozen):
+    kind: Literal["stopped"] = "stopped"
+
+
+RunnerStatus = Annotated[
+    RunnerSpawning
+    | RunnerLoading
+    | RunnerWarmingUp
+    | RunnerReady
+    | RunnerRunning
+    | RunnerFailed
+    | RunnerStopped,
+    Field(discriminator="kind"),
+]
+
+TERMINAL_RUNNER_KINDS = frozenset({"failed", "stopped"})
+SERVING_RUNNER_KINDS = frozenset({"ready", "running"})

@@ -1,0 +1,48 @@
+"""The cluster state every node folds from the same log."""
+
+import hashlib
+from typing import Literal
+
+from pydantic import Field
+
+from exo.shared.types.base import Frozen
+from exo.shared.types.events import EventOrigin, ModelStoreProgress
+from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
+from exo.shared.types.instances import Instance
+from exo.shared.types.runners import RunnerStatus
+from exo.shared.types.tasks import Task
+
+
+class NodeInfo(Frozen):
+    node_id: NodeId
+    session: str
+    hostname: str
+    api_port: int
+    started_at_ms: int
+    status: Literal["up", "down"] = "up"
+
+
+class TaskCounters(Frozen):
+    finished: int = 0
+    failed: int = 0
+    completion_tokens: int = 0
+
+
+class State(Frozen):
+    last_index: int = Field(default=-1, ge=-1)
+    term: int = Field(default=0, ge=0)
+    nodes: dict[NodeId, NodeInfo] = Field(default_factory=dict[NodeId, NodeInfo])
+    instances: dict[InstanceId, Instance] = Field(default_factory=dict[InstanceId, Instance])
+    runners: dict[RunnerId, RunnerStatus] = Field(default_factory=dict[RunnerId, RunnerStatus])
+    # Only tasks in flight; finished ones leave a trace in `counters` and the log.
+    tasks: dict[TaskId, Task] = Field(default_factory=dict[TaskId, Task])
+    # Keyed "<node id>/<model id>".
+    model_progress: dict[str, ModelStoreProgress] = Field(
+        default_factory=dict[str, ModelStoreProgress]
+    )
+    # Highest origin_seq indexed per origin: the master's de-duplication survives failover.
+    origin_seqs: dict[EventOrigin, int] = Field(default_factory=dict[EventOrigin, int])
+    counters: TaskCounters = TaskCounters()
+
+    def state_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()

@@ -1,0 +1,280 @@
+"""Supervision of one runner subprocess: its frames become events and token streams.
+
+The runner speaks the frame protocol in `runner/protocol.py` on stdin/stdout; its stderr
+is the runner's log. A runner that exits unasked, or does not load in time, is reported
+as RunnerFailed with the reason, and every task it held ends with a StreamError.
+"""
+
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+from loguru import logger
+
+from exo.routing import topics
+from exo.routing.emitter import EventEmitter
+from exo.routing.router import Router
+from exo.shared.types.events import (
+    RunnerStatusChanged,
+    TaskFailed,
+    TaskFinished,
+    TaskFirstToken,
+    TaskStarted,
+)
+from exo.shared.types.ids import NodeId, RunnerId, TaskId
+from exo.shared.types.instances import ShardAssignment
+from exo.shared.types.runners import RunnerFailed, RunnerLoading, RunnerStatus, RunnerStopped
+from exo.shared.types.stream import StreamEnd, StreamError, StreamMessage, TokenChunk
+from exo.shared.types.tasks import Task
+from exo.worker.runner.protocol import (
+    FROM_RUNNER,
+    HEADER_BYTES,
+    TO_RUNNER,
+    Cancel,
+    FrameError,
+    GenerationStarted,
+    Generate,
+    LoadShard,
+    Shutdown,
+    StatusReport,
+    ToRunner,
+    encode_frame,
+    frame_length,
+)
+
+_STDERR_TAIL_LINES = 20
+_STOP_GRACE_S = 5.0
+
+
+class _InFlight:
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.dispatched_at = time.monotonic()
+        self.first_token_seen = False
+
+
+class RunnerSupervisor:
+    def __init__(
+        self,
+        *,
+        shard: ShardAssignment,
+        model_dir: Path,
+        emitter: EventEmitter,
+        router: Router,
+        load_timeout_s: float,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.runner_id: RunnerId = shard.runner_id
+        self._shard = shard
+        self._model_dir = model_dir
+        self._emitter = emitter
+        self._router = router
+        self._load_timeout_s = load_timeout_s
+        self._on_change = on_change
+        self._process: Process | None = None
+        self._in_flight: dict[TaskId, _InFlight] = {}
+        self._stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+        self._stopping = False
+        self._ready = anyio.Event()
+        self._last_progress = -1.0
+        self.alive = False
+
+    @property
+    def in_flight(self) -> dict[TaskId, NodeId]:
+        return {task_id: f.task.owner for task_id, f in self._in_flight.items()}
+
+    async def run(self) -> None:
+        """Start the runner and supervise it until it exits; never raises for runner faults."""
+        reason: str | None = None
+        try:
+            self._process = await anyio.open_process(
+                [sys.executable, "-m", "exo.worker.runner"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as exc:
+            await self._report_exit(f"could not start runner: {exc}")
+            return
+        self.alive = True
+        self._on_change()
+        logger.info(f"runner {self.runner_id} started (pid {self._process.pid})")
+        process = self._process
+        code: int | None = None
+        stderr_done = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump_stderr, process, stderr_done)
+                tg.start_soon(self._watch_load)
+                await self._send(
+                    LoadShard(
+                        model_dir=str(self._model_dir),
+                        engine=self._shard.engine,
+                        start_layer=self._shard.start_layer,
+                        end_layer=self._shard.end_layer,
+                        n_layers=self._shard.n_layers,
+                    )
+                )
+                reason = await self._pump_frames(process)
+                code = await process.wait()
+                with anyio.move_on_after(1.0):  # let the last stderr lines explain the exit
+                    await stderr_done.wait()
+                tg.cancel_scope.cancel()
+            if reason is None and not self._stopping:
+                tail = " | ".join(self._stderr_tail)
+                reason = f"runner exited with code {code}" + (f": {tail}" if tail else "")
+        finally:
+            with anyio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+                await process.aclose()
+                await self._report_exit(reason)
+
+    async def _report_exit(self, reason: str | None) -> None:
+        self.alive = False
+        status: RunnerStatus = RunnerStopped() if reason is None else RunnerFailed(reason=reason)
+        if reason is not None:
+            logger.error(f"runner {self.runner_id} failed: {reason}")
+        await self._emitter.emit(RunnerStatusChanged(runner_id=self.runner_id, status=status))
+        for task_id, flight in list(self._in_flight.items()):
+            message = f"runner failed: {reason}" if reason else "runner stopped"
+            await self._publish(flight.task, StreamError(task_id=task_id, message=message))
+        self._in_flight.clear()
+        self._on_change()
+
+    async def _watch_load(self) -> None:
+        with anyio.move_on_after(self._load_timeout_s):
+            await self._ready.wait()
+            return
+        logger.error(f"runner {self.runner_id} did not load within {self._load_timeout_s}s")
+        self._stderr_tail.append(f"load timed out after {self._load_timeout_s}s")
+        if self._process is not None:
+            self._process.kill()
+
+    async def _pump_stderr(self, process: Process, done: anyio.Event) -> None:
+        assert process.stderr is not None
+        buffered = BufferedByteReceiveStream(process.stderr)
+        while True:
+            try:
+                line = (await buffered.receive_until(b"\n", 65536)).decode(errors="replace")
+            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.DelimiterNotFound):
+                done.set()
+                return
+            self._stderr_tail.append(line)
+            logger.debug(f"[{self.runner_id}] {line}")
+
+    async def _pump_frames(self, process: Process) -> str | None:
+        """Relay frames until stdout closes; a protocol violation is returned as the reason."""
+        assert process.stdout is not None
+        buffered = BufferedByteReceiveStream(process.stdout)
+        while True:
+            try:
+                header = await buffered.receive_exactly(HEADER_BYTES)
+                payload = await buffered.receive_exactly(frame_length(header))
+                message = FROM_RUNNER.validate_json(payload)
+            except (anyio.EndOfStream, anyio.IncompleteRead):
+                return None
+            except (FrameError, ValueError) as exc:
+                process.kill()
+                return f"runner sent a malformed frame: {exc}"
+            await self._handle(message)
+
+    async def _handle(
+        self, message: StatusReport | GenerationStarted | TokenChunk | StreamEnd | StreamError
+    ) -> None:
+        match message:
+            case StatusReport(status=status):
+                if isinstance(status, RunnerLoading):
+                    if status.progress < 1.0 and status.progress - self._last_progress < 0.1:
+                        return  # loading progress is rate-limited: the log is no ticker
+                    self._last_progress = status.progress
+                if status.kind == "ready":
+                    self._ready.set()
+                await self._emitter.emit(RunnerStatusChanged(runner_id=self.runner_id, status=status))
+                self._on_change()
+            case GenerationStarted(task_id=task_id):
+                if task_id in self._in_flight:
+                    await self._emitter.emit(TaskStarted(task_id=task_id))
+            case TokenChunk(task_id=task_id):
+                flight = self._in_flight.get(task_id)
+                if flight is None:
+                    return
+                await self._publish(flight.task, message)
+                if not flight.first_token_seen:
+                    flight.first_token_seen = True
+                    ttft = (time.monotonic() - flight.dispatched_at) * 1000
+                    await self._emitter.emit(
+                        TaskFirstToken(task_id=task_id, time_to_first_token_ms=ttft)
+                    )
+            case StreamEnd(task_id=task_id):
+                flight = self._in_flight.pop(task_id, None)
+                if flight is None:
+                    return
+                await self._publish(flight.task, message)
+                await self._emitter.emit(
+                    TaskFinished(
+                        task_id=task_id,
+                        finish_reason=message.finish_reason,
+                        prompt_tokens=message.prompt_tokens,
+                        completion_tokens=message.completion_tokens,
+                        decode_tokens_per_s=message.decode_tokens_per_s,
+                    )
+                )
+                self._on_change()
+            case StreamError(task_id=task_id):
+                flight = self._in_flight.pop(task_id, None)
+                if flight is None:
+                    return
+                await self._publish(flight.task, message)
+                await self._emitter.emit(TaskFailed(task_id=task_id, reason=message.message))
+                self._on_change()
+
+    async def _publish(self, task: Task, message: StreamMessage) -> None:
+        await self._router.publish(
+            topics.TOKENS, topics.AddressedStream(to=task.owner, message=message)
+        )
+
+    async def _send(self, message: ToRunner) -> None:
+        process = self._process
+        if process is None or process.stdin is None or process.returncode is not None:
+            raise anyio.BrokenResourceError("runner is not running")
+        await process.stdin.send(encode_frame(TO_RUNNER.dump_json(message)))
+
+    async def dispatch(self, task: Task) -> None:
+        self._in_flight[task.task_id] = _InFlight(task)
+        try:
+            await self._send(Generate(task_id=task.task_id, params=task.params))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return  # the exit path reports it with the runner's reason
+
+    async def abort(self, task_id: TaskId) -> None:
+        flight = self._in_flight.get(task_id)
+        if flight is None:
+            return
+        try:
+            await self._send(Cancel(task_id=task_id))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return
+
+    async def stop(self) -> None:
+        """Ask the runner to exit; kill it if it does not within the grace period."""
+        self._stopping = True
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        try:
+            await self._send(Shutdown())
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        with anyio.move_on_after(_STOP_GRACE_S):
+            await process.wait()
+            return
+        logger.warning(f"runner {self.runner_id} ignored shutdown; killing it")
+        process.kill()

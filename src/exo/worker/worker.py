@@ -1,0 +1,169 @@
+"""The worker: folds plan() over state changes and carries out the actions it returns."""
+
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+from anyio.abc import TaskGroup
+from loguru import logger
+
+from exo.routing.emitter import EventEmitter
+from exo.routing.router import Router
+from exo.shared.replica import LogReplica
+from exo.shared.types.events import ModelStoreProgress, RunnerStatusChanged
+from exo.shared.types.ids import ModelId, NodeId, RunnerId
+from exo.shared.types.runners import RunnerFailed
+from exo.worker.plan import (
+    AbortTask,
+    Action,
+    DispatchTask,
+    SpawnRunner,
+    StopRunner,
+    WorkerView,
+    plan,
+)
+from exo.worker.supervisor import RunnerSupervisor
+
+# Model preparation progress is reported at most this often (fraction of the bytes).
+_PROGRESS_STEP = 0.1
+
+
+class ModelPreparer(Protocol):
+    def ensure(self, model_id: ModelId, on_progress: "ProgressCallback") -> Path: ...
+
+
+class ProgressCallback(Protocol):
+    def __call__(self, done: int, total: int, /) -> None: ...
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        node_id: NodeId,
+        replica: LogReplica,
+        emitter: EventEmitter,
+        router: Router,
+        models: ModelPreparer,
+        load_timeout_s: float,
+    ) -> None:
+        self._node_id = node_id
+        self._replica = replica
+        self._emitter = emitter
+        self._router = router
+        self._models = models
+        self._load_timeout_s = load_timeout_s
+        self._supervisors: dict[RunnerId, RunnerSupervisor] = {}
+        self._spawned: set[RunnerId] = set()
+        self._wake = anyio.Event()
+        self._prepare_lock = anyio.Lock()
+
+    def _view(self) -> WorkerView:
+        dispatched = {
+            task_id: runner_id
+            for runner_id, sup in self._supervisors.items()
+            for task_id in sup.in_flight
+        }
+        return WorkerView(
+            node_id=self._node_id,
+            spawned=frozenset(self._spawned),
+            alive=frozenset(r for r, s in self._supervisors.items() if s.alive),
+            dispatched=dispatched,
+        )
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._poke_on_state_change)
+            try:
+                while True:
+                    self._wake = anyio.Event()
+                    for action in plan(self._replica.state, self._view()):
+                        await self._execute(tg, action)
+                    await self._wake.wait()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.stop_all()
+
+    async def _poke_on_state_change(self) -> None:
+        while True:
+            await self._replica.wait_changed()
+            self._poke()
+
+    async def stop_all(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for sup in list(self._supervisors.values()):
+                tg.start_soon(sup.stop)
+
+    async def _execute(self, tg: TaskGroup, action: Action) -> None:
+        logger.debug(f"worker action: {action}")
+        match action:
+            case SpawnRunner():
+                self._spawned.add(action.shard.runner_id)
+                tg.start_soon(self._spawn, action)
+            case StopRunner(runner_id=runner_id, reason=reason):
+                sup = self._supervisors.get(runner_id)
+                if sup is not None:
+                    logger.info(f"stopping runner {runner_id}: {reason}")
+                    tg.start_soon(sup.stop)
+            case DispatchTask(task_id=task_id, runner_id=runner_id):
+                task = self._replica.state.tasks.get(task_id)
+                sup = self._supervisors.get(runner_id)
+                if task is not None and sup is not None:
+                    await sup.dispatch(task)
+            case AbortTask(task_id=task_id, runner_id=runner_id):
+                sup = self._supervisors.get(runner_id)
+                if sup is not None:
+                    await sup.abort(task_id)
+
+    async def _spawn(self, action: SpawnRunner) -> None:
+        runner_id = action.shard.runner_id
+        try:
+            model_dir = await self._prepare_model(action.model_id)
+        except Exception as exc:
+            logger.exception(f"could not prepare {action.model_id}")
+            await self._emitter.emit(
+                RunnerStatusChanged(
+                    runner_id=runner_id,
+                    status=RunnerFailed(reason=f"could not prepare model {action.model_id}: {exc}"),
+                )
+            )
+            return
+        sup = RunnerSupervisor(
+            shard=action.shard,
+            model_dir=model_dir,
+            emitter=self._emitter,
+            router=self._router,
+            load_timeout_s=self._load_timeout_s,
+            on_change=self._poke,
+        )
+        self._supervisors[runner_id] = sup
+        try:
+            await sup.run()
+        finally:
+            del self._supervisors[runner_id]
+            self._poke()
+
+    async def _prepare_model(self, model_id: ModelId) -> Path:
+        """Convert/download the model into the store once; report progress as events."""
+        async with self._prepare_lock:
+            last = [-1.0]
+
+            def on_progress(done: int, total: int) -> None:
+                fraction = done / total if total else 1.0
+                if fraction < 1.0 and fraction - last[0] < _PROGRESS_STEP:
+                    return
+                last[0] = fraction
+                event = ModelStoreProgress(
+                    node_id=self._node_id,
+                    model_id=model_id,
+                    done_bytes=done,
+                    total_bytes=total,
+                    complete=done >= total,
+                )
+                anyio.from_thread.run(self._emitter.emit, event)
+
+            return await anyio.to_thread.run_sync(self._models.ensure, model_id, on_progress)
+
