@@ -1,0 +1,137 @@
+"""Builders of valid control-plane values for tests (real types, no mocks)."""
+
+from hypothesis import strategies as st
+
+from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
+from exo.shared.types.events import (
+    Event,
+    IndexedEvent,
+    InstanceCreated,
+    InstanceDeleted,
+    ModelStoreProgress,
+    NodeStarted,
+    RunnerStatusChanged,
+    TaskCancelled,
+    TaskCreated,
+    TaskFailed,
+    TaskFinished,
+    TaskFirstToken,
+    TaskStarted,
+)
+from exo.shared.types.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
+from exo.shared.types.instances import Instance, ShardAssignment
+from exo.shared.types.runners import (
+    RunnerFailed,
+    RunnerLoading,
+    RunnerReady,
+    RunnerRunning,
+    RunnerStatus,
+    RunnerStopped,
+    RunnerWarmingUp,
+)
+from exo.shared.types.tasks import Task
+
+NODES = [NodeId("node-a"), NodeId("node-b")]
+INSTANCES = [InstanceId("inst-1"), InstanceId("inst-2")]
+TASKS = [TaskId(f"task-{i}") for i in range(4)]
+MODEL = ModelId("smollm2-135m-instruct")
+
+
+def runner_of(instance_id: InstanceId, stage: int = 0) -> RunnerId:
+    return RunnerId(f"run-{instance_id}-{stage}")
+
+
+def chat_params(text: str = "hi", max_tokens: int = 8) -> ChatParams:
+    return ChatParams(
+        messages=(ChatMessage(role="user", content=text),),
+        sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0),
+    )
+
+
+def instance(
+    instance_id: InstanceId, node: NodeId, stages: int = 1, n_layers: int = 30
+) -> Instance:
+    bounds = [n_layers * i // stages for i in range(stages + 1)]
+    shards = tuple(
+        ShardAssignment(
+            runner_id=runner_of(instance_id, i),
+            node_id=node,
+            device="cpu",
+            engine="mlx",
+            start_layer=bounds[i],
+            end_layer=bounds[i + 1],
+            n_layers=n_layers,
+        )
+        for i in range(stages)
+    )
+    return Instance(instance_id=instance_id, model_id=MODEL, shards=shards, created_at_ms=0)
+
+
+def task(task_id: TaskId, instance_id: InstanceId, owner: NodeId) -> Task:
+    return Task(
+        task_id=task_id, instance_id=instance_id, owner=owner, params=chat_params(), created_at_ms=1
+    )
+
+
+def indexed(events: list[Event], term: int = 1, start: int = 0) -> list[IndexedEvent]:
+    return [
+        IndexedEvent(index=start + i, term=term, origin="test", origin_seq=start + i, event=e)
+        for i, e in enumerate(events)
+    ]
+
+
+nodes = st.sampled_from(NODES)
+instance_ids = st.sampled_from(INSTANCES)
+task_ids = st.sampled_from(TASKS)
+
+
+@st.composite
+def statuses(draw: st.DrawFn) -> RunnerStatus:
+    choice = draw(st.integers(0, 5))
+    options: list[RunnerStatus] = [
+        RunnerLoading(progress=draw(st.floats(0.0, 1.0))),
+        RunnerWarmingUp(),
+        RunnerReady(),
+        RunnerRunning(),
+        RunnerStopped(),
+        RunnerFailed(reason=draw(st.text(max_size=8))),
+    ]
+    return options[choice]
+
+
+@st.composite
+def events(draw: st.DrawFn) -> Event:
+    node = draw(nodes)
+    inst = draw(instance_ids)
+    task_id = draw(task_ids)
+    choice = draw(st.integers(0, 10))
+    options: list[Event] = [
+        NodeStarted(
+            node_id=node,
+            session=draw(st.sampled_from(["s1", "s2"])),
+            hostname="h",
+            api_port=52415,
+            started_at_ms=0,
+        ),
+        InstanceCreated(instance=instance(inst, node, draw(st.integers(1, 3)))),
+        InstanceDeleted(instance_id=inst, reason="r"),
+        RunnerStatusChanged(
+            runner_id=runner_of(inst, draw(st.integers(0, 2))), status=draw(statuses())
+        ),
+        TaskCreated(task=task(task_id, inst, node)),
+        TaskStarted(task_id=task_id),
+        TaskFirstToken(task_id=task_id, time_to_first_token_ms=3.0),
+        TaskFinished(
+            task_id=task_id,
+            finish_reason="stop",
+            prompt_tokens=3,
+            completion_tokens=draw(st.integers(0, 100)),
+            decode_tokens_per_s=9.0,
+        ),
+        TaskFailed(task_id=task_id, reason="boom"),
+        TaskCancelled(task_id=task_id, reason="client left"),
+        ModelStoreProgress(
+            node_id=node, model_id=MODEL, done_bytes=50, total_bytes=100, complete=False
+        ),
+    ]
+    return options[choice]

@@ -1,0 +1,90 @@
+"""The worker's pure plan(): state + local view -> actions."""
+
+from exo.shared.apply import fold
+from exo.shared.types.events import (
+    Event,
+    InstanceCreated,
+    InstanceDeleted,
+    RunnerStatusChanged,
+    TaskCreated,
+)
+from exo.shared.types.runners import RunnerFailed, RunnerLoading, RunnerReady
+from exo.shared.types.state import State
+from exo.worker.plan import AbortTask, DispatchTask, SpawnRunner, StopRunner, WorkerView, plan
+from tests.factories import INSTANCES, NODES, TASKS, indexed, instance, runner_of, task
+
+ME, OTHER = NODES
+RUNNER = runner_of(INSTANCES[0])
+
+
+def state_of(*events: Event) -> State:
+    return fold(State(), indexed(list(events)))
+
+
+def test_spawns_runners_for_its_own_shards_only() -> None:
+    state = state_of(
+        InstanceCreated(instance=instance(INSTANCES[0], ME)),
+        InstanceCreated(instance=instance(INSTANCES[1], OTHER)),
+    )
+    actions = plan(state, WorkerView(node_id=ME))
+    assert [type(a) for a in actions] == [SpawnRunner]
+    assert isinstance(actions[0], SpawnRunner) and actions[0].shard.runner_id == RUNNER
+
+
+def test_never_spawns_the_same_runner_twice() -> None:
+    state = state_of(InstanceCreated(instance=instance(INSTANCES[0], ME)))
+    assert plan(state, WorkerView(node_id=ME, spawned=frozenset({RUNNER}))) == []
+
+
+def test_stops_runners_of_deleted_or_failed_instances() -> None:
+    deleted = state_of(
+        InstanceCreated(instance=instance(INSTANCES[0], ME)),
+        InstanceDeleted(instance_id=INSTANCES[0], reason="user"),
+    )
+    view = WorkerView(node_id=ME, spawned=frozenset({RUNNER}), alive=frozenset({RUNNER}))
+    assert plan(deleted, view) == [StopRunner(runner_id=RUNNER, reason="instance deleted")]
+    two_stage = instance(INSTANCES[0], ME, stages=2)
+    failed = state_of(
+        InstanceCreated(instance=two_stage),
+        RunnerStatusChanged(runner_id=runner_of(INSTANCES[0], 1), status=RunnerFailed(reason="x")),
+    )
+    assert plan(failed, view) == [StopRunner(runner_id=RUNNER, reason="instance failed")]
+
+
+def test_dispatches_pending_tasks_once_the_runner_serves() -> None:
+    base = [
+        InstanceCreated(instance=instance(INSTANCES[0], ME)),
+        TaskCreated(task=task(TASKS[0], INSTANCES[0], OTHER)),
+    ]
+    view = WorkerView(node_id=ME, spawned=frozenset({RUNNER}), alive=frozenset({RUNNER}))
+    loading = state_of(
+        *base, RunnerStatusChanged(runner_id=RUNNER, status=RunnerLoading(progress=0.5))
+    )
+    assert plan(loading, view) == []
+    ready = state_of(*base, RunnerStatusChanged(runner_id=RUNNER, status=RunnerReady()))
+    assert plan(ready, view) == [DispatchTask(task_id=TASKS[0], runner_id=RUNNER)]
+    dispatched = view.model_copy(update={"dispatched": {TASKS[0]: RUNNER}})
+    assert plan(ready, dispatched) == []
+
+
+def test_aborts_dispatched_tasks_that_left_the_state() -> None:
+    state = state_of(
+        InstanceCreated(instance=instance(INSTANCES[0], ME)),
+        RunnerStatusChanged(runner_id=RUNNER, status=RunnerReady()),
+    )
+    view = WorkerView(
+        node_id=ME,
+        spawned=frozenset({RUNNER}),
+        alive=frozenset({RUNNER}),
+        dispatched={TASKS[1]: RUNNER},
+    )
+    assert plan(state, view) == [AbortTask(task_id=TASKS[1], runner_id=RUNNER)]
+
+
+def test_a_task_whose_first_stage_is_elsewhere_is_not_ours() -> None:
+    state = state_of(
+        InstanceCreated(instance=instance(INSTANCES[0], OTHER)),
+        RunnerStatusChanged(runner_id=RUNNER, status=RunnerReady()),
+        TaskCreated(task=task(TASKS[0], INSTANCES[0], ME)),
+    )
+    assert plan(state, WorkerView(node_id=ME)) == []
