@@ -1,0 +1,27 @@
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import Daemon
+
+BUILTIN = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def shared_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One converted copy of the built-in model for every daemon in the session."""
+    from exo.models.store import ModelStore
+
+    root = tmp_path_factory.mktemp("models")
+    ModelStore(root).ensure(BUILTIN, lambda done, total: None)  # pyright: ignore[reportArgumentType]
+    return root
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, shared_models: Path) -> Iterator[Daemon]:
+    node = Daemon(tmp_path_factory.mktemp("node"), shared_models).start()
+    try:
+        yield node
+    finally:
+        node.stop()

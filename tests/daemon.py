@@ -1,0 +1,125 @@
+"""Real `exo` daemons as subprocesses on loopback, each with its own EXO_HOME and port."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    def __init__(self, home: Path, shared_models: Path | None = None, *args: str) -> None:
+        self.home = home
+        self.port = free_port()
+        self.args = args
+        self.log_path = home / "daemon.out"
+        self.process: subprocess.Popen[bytes] | None = None
+        if shared_models is not None:  # conversion is tested elsewhere; reuse one copy
+            models = home / "cache" / "models"
+            models.parent.mkdir(parents=True, exist_ok=True)
+            if not models.exists():
+                models.symlink_to(shared_models, target_is_directory=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 120.0) -> "Daemon":
+        env = {**os.environ, "EXO_HOME": str(self.home)}
+        self.home.mkdir(parents=True, exist_ok=True)
+        out = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "exo.main",
+                "--api-host",
+                "127.0.0.1",
+                "--api-port",
+                str(self.port),
+                *self.args,
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"daemon exited with {self.process.returncode}:\n{self.output()}"
+                )
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"daemon did not come up:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str) -> Any:
+        response = httpx.get(f"{self.url}{path}", timeout=30.0)
+        response.raise_for_status()
+        return response.json()
+
+    def runner_pids(self) -> list[int]:
+        assert self.process is not None
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        return [c.pid for c in children if "exo.worker.runner" in " ".join(c.cmdline())]
+
+    def wait_ready(self, model: str, timeout_s: float = 180.0) -> dict[str, Any]:
+        """Place `model` (idempotent) and wait until its runners serve."""
+        httpx.post(f"{self.url}/instances", json={"model": model}, timeout=30.0).raise_for_status()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            state = self.get("/state")["state"]
+            for inst in state["instances"].values():
+                kinds = [
+                    state["runners"].get(s["runner_id"], {}).get("kind") for s in inst["shards"]
+                ]
+                if (
+                    inst["model_id"] == model
+                    and inst["failed_reason"] is None
+                    and all(k in ("ready", "running") for k in kinds)
+                ):
+                    return inst
+            time.sleep(0.25)
+        raise TimeoutError(f"{model} did not become ready:\n{self.output()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (and, like a crash of the machine's process tree, its runners)."""
+        assert self.process is not None
+        runners = self.runner_pids()
+        self.process.kill()
+        self.process.wait()
+        for pid in runners:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

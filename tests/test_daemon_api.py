@@ -1,0 +1,238 @@
+"""The real daemon through its real API, with the official `openai` client."""
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from tests.conftest import BUILTIN
+from tests.daemon import Daemon
+
+pytestmark = pytest.mark.slow
+
+
+def user(text: str) -> list[ChatCompletionMessageParam]:
+    return [{"role": "user", "content": text}]
+
+
+PROMPT = user("Name three colours.")
+
+
+def client(daemon: Daemon) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{daemon.url}/v1", api_key="unused", timeout=300.0, max_retries=0
+    )
+
+
+def test_models_and_state(daemon: Daemon) -> None:
+    ids = [m.id for m in client(daemon).models.list().data]
+    assert BUILTIN in ids
+    state = daemon.get("/state")
+    assert state["node_id"].startswith("node-")
+    assert state["last_index"] >= 0
+    assert len(state["state_hash"]) == 64
+
+
+def test_chat_places_the_model_on_demand_and_answers(daemon: Daemon) -> None:
+    reply = client(daemon).chat.completions.create(
+        model=BUILTIN,
+        messages=PROMPT,
+        max_tokens=12,
+        temperature=0.0,
+    )
+    assert reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None
+    assert 0 < reply.usage.completion_tokens <= 12
+    assert reply.usage.prompt_tokens > 0
+
+
+def test_streaming_matches_non_streaming_greedy(daemon: Daemon) -> None:
+    c = client(daemon)
+    whole = c.chat.completions.create(
+        model=BUILTIN,
+        messages=PROMPT,
+        max_tokens=16,
+        temperature=0.0,
+    )
+    parts: list[str] = []
+    usage = None
+    finish = None
+    for chunk in c.chat.completions.create(
+        model=BUILTIN,
+        messages=PROMPT,
+        max_tokens=16,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            parts.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(parts) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage is not None
+    assert usage.completion_tokens == (whole.usage.completion_tokens if whole.usage else -1)
+
+
+def test_seed_and_stop_are_honoured(daemon: Daemon) -> None:
+    c = client(daemon)
+
+    def sample() -> str:
+        r = c.chat.completions.create(
+            model=BUILTIN,
+            messages=PROMPT,
+            max_tokens=10,
+            temperature=0.9,
+            top_p=0.9,
+            seed=7,
+        )
+        return r.choices[0].message.content or ""
+
+    assert sample() == sample()
+    full = (
+        c.chat.completions.create(
+            model=BUILTIN,
+            messages=PROMPT,
+            max_tokens=24,
+            temperature=0.0,
+        )
+        .choices[0]
+        .message.content
+        or ""
+    )
+    words = full.split()
+    assert len(words) >= 3
+    stop = words[2]
+    cut = c.chat.completions.create(
+        model=BUILTIN,
+        messages=PROMPT,
+        max_tokens=24,
+        temperature=0.0,
+        stop=[stop],
+    ).choices[0]
+    assert cut.finish_reason == "stop"
+    assert stop not in (cut.message.content or "")
+    assert full.startswith(cut.message.content or "")
+
+
+def test_concurrent_requests_all_complete(daemon: Daemon) -> None:
+    c = client(daemon)
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def ask(i: int) -> None:
+        try:
+            r = c.chat.completions.create(
+                model=BUILTIN,
+                messages=user(f"Count to {i + 2}."),
+                max_tokens=8,
+                temperature=0.0,
+            )
+            results[i] = r.choices[0].message.content or ""
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors
+    assert sorted(results) == [0, 1, 2, 3]
+    assert all(results.values())
+
+
+def test_bad_inputs_get_openai_shaped_errors(daemon: Daemon) -> None:
+    c = client(daemon)
+    with pytest.raises(openai.NotFoundError) as not_found:
+        c.chat.completions.create(model="no-such-model", messages=PROMPT)
+    assert "no-such-model" in str(not_found.value)
+    with pytest.raises(openai.UnprocessableEntityError):
+        c.chat.completions.create(model=BUILTIN, messages=PROMPT, temperature=7.5)
+    raw = httpx.post(
+        f"{daemon.url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert raw.status_code == 400
+    assert "message" in raw.json()["error"]
+    # The daemon is unharmed.
+    assert (
+        client(daemon)
+        .chat.completions.create(
+            model=BUILTIN,
+            messages=PROMPT,
+            max_tokens=2,
+        )
+        .choices
+    )
+
+
+def test_killed_runner_fails_the_request_clearly_and_the_daemon_recovers(daemon: Daemon) -> None:
+    daemon.wait_ready(BUILTIN)
+    (pid,) = daemon.runner_pids()
+    c = client(daemon)
+    stream = c.chat.completions.create(
+        model=BUILTIN,
+        messages=user("Write a long story about a lighthouse."),
+        max_tokens=400,
+        temperature=0.0,
+        stream=True,
+    )
+    with pytest.raises(openai.APIError) as failure:  # noqa: PT012
+        for i, _chunk in enumerate(stream):
+            if i == 2:
+                psutil.Process(pid).kill()
+    assert "runner" in str(failure.value).lower()
+    state = daemon.get("/state")["state"]
+    assert any(i["failed_reason"] for i in state["instances"].values())
+    # The next request re-places the model and succeeds.
+    reply = c.chat.completions.create(
+        model=BUILTIN,
+        messages=PROMPT,
+        max_tokens=4,
+    )
+    assert reply.choices[0].message.content
+    assert daemon.runner_pids() != [pid]
+
+
+def test_events_stream_replays_the_log(daemon: Daemon) -> None:
+    last = daemon.get("/state")["last_index"]
+    seen: list[int] = []
+    with httpx.stream("GET", f"{daemon.url}/events?from=0", timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                seen.append(json.loads(line[5:])["index"])
+                if seen[-1] >= last:
+                    break
+    assert seen == list(range(last + 1))
+
+
+def test_sigterm_stops_runners_and_exits_cleanly(
+    tmp_path_factory: pytest.TempPathFactory, shared_models: object
+) -> None:
+    from pathlib import Path
+
+    assert isinstance(shared_models, Path)
+    node = Daemon(tmp_path_factory.mktemp("term"), shared_models).start()
+    node.wait_ready(BUILTIN)
+    runners = node.runner_pids()
+    assert runners
+    assert node.stop(signal.SIGTERM) == 0
+    time.sleep(0.5)
+    assert not [
+        p
+        for p in runners
+        if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ]
+    assert "event log closed" in node.output()
