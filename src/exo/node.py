@@ -12,22 +12,23 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
+from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from hypercorn.asyncio import serve
-from hypercorn.config import Config as HypercornConfig
 from loguru import logger
 
 from exo.api.app import create_app
+from exo.api.server import serve_http
 from exo.config import NodeConfig
 from exo.identity import load_or_create_node_id
 from exo.master.master import Master
+from exo.models.cards import KNOWN_CARDS
 from exo.models.store import ModelStore
 from exo.routing import topics
 from exo.routing.emitter import EventEmitter
 from exo.routing.router import Router
 from exo.routing.streams import StreamHub
 from exo.shared.replica import LogReplica
-from exo.shared.types.commands import Command, CommandEnvelope, CommandReply
+from exo.shared.types.commands import Command, CommandEnvelope, CommandReply, PlaceInstance
 from exo.shared.types.events import IndexedEvent, NodeStarted
 from exo.shared.types.ids import CommandId, ModelId, NodeId, TaskId, new_command_id
 from exo.shared.types.instances import EngineName
@@ -54,8 +55,6 @@ class Node:
         )
         self._streams = StreamHub(node_id=self._node_id, router=self._router, replica=self._replica)
         self._reply_waiters: dict[CommandId, MemoryObjectSendStream[CommandReply]] = {}
-        self.ready = anyio.Event()
-        self.api_port: int | None = None
 
     # --- ApiBackend -------------------------------------------------------------------
 
@@ -67,13 +66,15 @@ class Node:
         return self._replica.state
 
     def model_cards(self) -> Sequence[ModelCard]:
-        return self._models.cards()
+        return list(KNOWN_CARDS.values())
 
     def model_card(self, model_id: ModelId) -> ModelCard | None:
-        return self._models.card_or_none(model_id)
+        return KNOWN_CARDS.get(model_id)
 
     async def send_command(self, command: Command) -> CommandReply:
-        envelope = CommandEnvelope(command_id=new_command_id(), origin=self._node_id, command=command)
+        envelope = CommandEnvelope(
+            command_id=new_command_id(), origin=self._node_id, command=command
+        )
         send, receive = anyio.create_memory_object_stream[CommandReply](1)
         self._reply_waiters[envelope.command_id] = send
         try:
@@ -109,16 +110,17 @@ class Node:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stop_on_signal, shutdown)
-                tg.start_soon(self._replicate)
-                tg.start_soon(self._route_replies)
+                # Every subscriber is in place before anything is published.
+                await tg.start(self._replicate)
+                await tg.start(self._route_replies)
+                await tg.start(self._streams.run)
+                await tg.start(self._master().run)
                 tg.start_soon(self._emitter.run)
-                tg.start_soon(self._streams.run)
-                tg.start_soon(self._master().run)
                 await self._announce()
                 tg.start_soon(self._worker().run)
                 await self._preload()
-                tg.start_soon(self._serve_api, shutdown)
-                await shutdown.wait()
+                # Hypercorn must end through its shutdown trigger, not by cancellation.
+                await self._serve_api(shutdown)
                 logger.info("shutting down")
                 tg.cancel_scope.cancel()
         finally:
@@ -130,7 +132,7 @@ class Node:
             origin=f"{self._node_id}/{self._session}/master",
             router=self._router,
             replica=self._replica,
-            card_for=self._models.card_or_none,
+            card_for=KNOWN_CARDS.get,
             default_engine=_default_engine(self._config.engine),
         )
 
@@ -159,21 +161,25 @@ class Node:
     async def _preload(self) -> None:
         if self._config.preload_model is None:
             return
-        from exo.shared.types.commands import PlaceInstance
-
         reply = await self.send_command(PlaceInstance(model_id=ModelId(self._config.preload_model)))
         if reply.kind == "rejected":
             logger.error(f"could not place {self._config.preload_model}: {reply.message}")
         else:
             logger.info(f"placing {self._config.preload_model} as {reply.created_id}")
 
-    async def _replicate(self) -> None:
+    async def _replicate(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         with self._router.subscribe(topics.GLOBAL_EVENTS) as events:
+            task_status.started()
             async for event in events:
                 await self._replica.ingest([event])
 
-    async def _route_replies(self) -> None:
+    async def _route_replies(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         with self._router.subscribe(topics.COMMAND_REPLIES) as replies:
+            task_status.started()
             async for addressed in replies:
                 if addressed.to != self._node_id:
                     continue
@@ -186,19 +192,9 @@ class Node:
 
     async def _serve_api(self, shutdown: anyio.Event) -> None:
         app = create_app(self, self._config.dashboard_dir)
-        config = HypercornConfig()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self._config.api_host, self._config.api_port))
-        self.api_port = sock.getsockname()[1]
-        sock.close()
-        config.bind = [f"{self._config.api_host}:{self.api_port}"]
-        config.accesslog = None
-        config.errorlog = None
-        config.graceful_timeout = 2.0
-        logger.info(f"API listening on http://{self._config.api_host}:{self.api_port}")
-        self.ready.set()
-        await serve(app, config, shutdown_trigger=shutdown.wait)  # pyright: ignore[reportArgumentType]
+        host, port = self._config.api_host, self._config.api_port
+        logger.info(f"API listening on http://{host}:{port}")
+        await serve_http(app, host, port, shutdown.wait)
 
     async def _stop_on_signal(self, shutdown: anyio.Event) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -212,5 +208,3 @@ def _default_engine(flag: str | None) -> EngineName:
     if flag == "torch":
         return "torch"
     return "mlx"
-
-

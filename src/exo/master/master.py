@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import anyio
+from anyio.abc import TaskStatus
 from loguru import logger
 
 from exo.master.decide import DecideContext, Decision, decide
@@ -44,17 +45,20 @@ class Master:
         self._own_seq = replica.state.origin_seqs.get(origin, -1)
         self._lock = anyio.Lock()
 
-    async def run(self) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         logger.info(f"master active (term {self._term}, log at {self._replica.last_index})")
         with (
             self._router.subscribe(topics.COMMANDS) as commands,
             self._router.subscribe(topics.LOCAL_EVENTS) as local_events,
         ):
+            task_status.started()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._serve_commands, commands)
                 tg.start_soon(self._serve_local_events, local_events)
 
-    async def _serve_commands(self, commands: anyio.abc.ObjectReceiveStream[CommandEnvelope]) -> None:
+    async def _serve_commands(
+        self, commands: anyio.abc.ObjectReceiveStream[CommandEnvelope]
+    ) -> None:
         async for envelope in commands:
             reply = await self._handle_command(envelope)
             await self._router.publish(
@@ -93,7 +97,9 @@ class Master:
         self._own_seq += 1
         return LocalEvent(origin=self._origin, origin_seq=self._own_seq, event=event)
 
-    async def _serve_local_events(self, local_events: anyio.abc.ObjectReceiveStream[LocalEvent]) -> None:
+    async def _serve_local_events(
+        self, local_events: anyio.abc.ObjectReceiveStream[LocalEvent]
+    ) -> None:
         async for first in local_events:
             batch = [first]
             while len(batch) < _MAX_BATCH:

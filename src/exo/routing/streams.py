@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 
 import anyio
+from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from exo.routing import topics
@@ -29,7 +30,9 @@ class StreamHub:
         self._instance_of: dict[TaskId, InstanceId] = {}
 
     @asynccontextmanager
-    async def subscribe(self, task_id: TaskId) -> AsyncGenerator[MemoryObjectReceiveStream[StreamMessage]]:
+    async def subscribe(
+        self, task_id: TaskId
+    ) -> AsyncGenerator[MemoryObjectReceiveStream[StreamMessage]]:
         # Unbounded is bounded here: a task yields at most max_tokens chunks and one end.
         send, receive = anyio.create_memory_object_stream[StreamMessage](math.inf)
         self._streams[task_id] = send
@@ -41,13 +44,17 @@ class StreamHub:
             self._instance_of.pop(task_id, None)
             send.close()
 
-    async def run(self) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._relay_tokens)
+            await tg.start(self._relay_tokens)
             tg.start_soon(self._watch_log)
+            task_status.started()
 
-    async def _relay_tokens(self) -> None:
+    async def _relay_tokens(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         with self._router.subscribe(topics.TOKENS) as tokens:
+            task_status.started()
             async for addressed in tokens:
                 if addressed.to == self._node_id:
                     self._deliver(addressed.message)

@@ -1,0 +1,120 @@
+"""Decode tokens/s and time to first token through our API vs raw mlx_lm, same run.
+
+Greedy, 128 new tokens, the built-in model converted into a fresh store. Also measures the
+idle CPU of a daemon with the model loaded. Prints ratios; record them in docs/benchmarks.md.
+
+    uv run python bench/bench_api.py
+"""
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.daemon import Daemon  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
+NEW_TOKENS = 128
+RUNS = 3
+
+
+def api_run(daemon: Daemon) -> tuple[float, float, int]:
+    """(ttft seconds, decode tokens/s, completion tokens) seen by a streaming client."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    with httpx.stream("POST", f"{daemon.url}/v1/chat/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and first is None and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+    end = time.perf_counter()
+    assert first is not None and tokens > 1
+    return first - start, (tokens - 1) / (end - first), tokens
+
+
+def mlx_lm_run(model_dir: Path, n_tokens: int) -> tuple[float, float]:
+    """(ttft seconds, decode tokens/s) of mlx_lm's own generation loop, greedy."""
+    import mlx_lm  # pyright: ignore[reportMissingTypeStubs]
+    from mlx_lm.sample_utils import make_sampler  # pyright: ignore[reportMissingTypeStubs]
+
+    model, tokenizer = mlx_lm.load(str(model_dir))  # pyright: ignore[reportUnknownVariableType, reportUnknownMemberType]
+    prompt = tokenizer.apply_chat_template(  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True
+    )
+    start = time.perf_counter()
+    first: float | None = None
+    count = 0
+    for _ in mlx_lm.stream_generate(  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        model, tokenizer, prompt, max_tokens=n_tokens, sampler=make_sampler(temp=0.0)
+    ):
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    assert first is not None
+    return first - start, (count - 1) / (end - first)
+
+
+def idle_cpu_percent(daemon: Daemon, seconds: float = 10.0) -> float:
+    assert daemon.process is not None
+    root = psutil.Process(daemon.process.pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        p.cpu_percent(None)
+    time.sleep(seconds)
+    return sum(p.cpu_percent(None) for p in procs if p.is_running())
+
+
+def main() -> None:
+    from exo.models.store import ModelStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp) / "models"
+        model_dir = ModelStore(models).ensure(MODEL, lambda done, total: None)  # pyright: ignore[reportArgumentType]
+        daemon = Daemon(Path(tmp) / "node", models).start()
+        try:
+            daemon.wait_ready(MODEL)
+            api_run(daemon)  # warm-up
+            api = [api_run(daemon) for _ in range(RUNS)]
+            idle = idle_cpu_percent(daemon)
+        finally:
+            daemon.stop()
+        n_tokens = api[0][2]
+        mlx_lm_run(model_dir, 8)  # warm-up
+        ref = [mlx_lm_run(model_dir, n_tokens) for _ in range(RUNS)]
+
+    api_ttft = statistics.median(a[0] for a in api)
+    api_tps = statistics.median(a[1] for a in api)
+    ref_ttft = statistics.median(r[0] for r in ref)
+    ref_tps = statistics.median(r[1] for r in ref)
+    print(f"completion tokens per run       {n_tokens}")
+    print(f"raw mlx_lm   decode tok/s {ref_tps:8.2f}   ttft {ref_ttft * 1000:8.1f} ms")
+    print(f"exo API      decode tok/s {api_tps:8.2f}   ttft {api_ttft * 1000:8.1f} ms")
+    print(f"ratio decode (exo / mlx_lm)     {api_tps / ref_tps:.3f}   (target >= 0.95)")
+    print(f"added ttft (exo - mlx_lm)       {(api_ttft - ref_ttft) * 1000:+.1f} ms   (target <= 50)")
+    print(f"idle daemon CPU, model loaded   {idle:.2f} % of one core   (target < 2)")
+
+
+if __name__ == "__main__":
+    main()
