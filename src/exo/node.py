@@ -18,6 +18,7 @@ from loguru import logger
 
 from exo.api.app import create_app
 from exo.api.server import serve_http
+from exo.api.settings import ApiSettings
 from exo.config import NodeConfig
 from exo.identity import load_or_create_node_id
 from exo.master.master import Master
@@ -191,7 +192,9 @@ class Node:
                         pass  # a duplicate reply, or the caller already gave up
 
     async def _serve_api(self, shutdown: anyio.Event) -> None:
-        app = create_app(self, self._config.dashboard_dir)
+        app = create_app(
+            self, self._config.dashboard_dir, ApiSettings.from_node_config(self._config)
+        )
         host, port = self._config.api_host, self._config.api_port
         logger.info(f"API listening on http://{host}:{port}")
         await serve_http(app, host, port, shutdown.wait)

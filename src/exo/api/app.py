@@ -1,0 +1,356 @@
+"""The HTTP API: OpenAI chat completions, the cluster API, SSE of the event log, the dashboard.
+
+Everything it knows of the node comes through `ApiBackend`; see docs/api.md for the endpoints.
+"""
+
+import time
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from exo.api.backend import ApiBackend
+from exo.api.dashboard import mount_dashboard
+from exo.api.errors import (
+    ApiError,
+    error_from_validation,
+    error_from_validation_error,
+    model_not_found,
+)
+from exo.api.generation import (
+    InstanceView,
+    Placements,
+    run_task,
+    send_command,
+    view_instance,
+    wait_applied,
+)
+from exo.api.inbox import Inbox, InboxClosed
+from exo.api.openai_types import ChatCompletionRequest, PlaceInstanceRequest
+from exo.api.responses import EventStreamResponse, SSEChannel, WatchedResponse
+from exo.api.settings import ApiSettings
+from exo.api.translate import (
+    SSE_DONE,
+    ChunkBuilder,
+    chat_completion,
+    chat_params,
+    model_list,
+    model_object,
+)
+from exo.shared.types.base import Frozen
+from exo.shared.types.chat import ChatParams
+from exo.shared.types.commands import DeleteInstance, PlaceInstance
+from exo.shared.types.events import IndexedEvent
+from exo.shared.types.ids import InstanceId, ModelId, NodeId, TaskId, new_task_id
+from exo.shared.types.state import State
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StateResponse(Frozen):
+    node_id: NodeId
+    last_index: int
+    state_hash: str
+    state: State
+
+
+class InstanceList(Frozen):
+    object: str = "list"
+    data: tuple[InstanceView, ...]
+
+
+class InstancePlaced(Frozen):
+    instance_id: InstanceId
+    model: ModelId
+    last_index: int
+
+
+class InstanceDeletedReply(Frozen):
+    instance_id: InstanceId
+    deleted: bool = True
+    last_index: int
+
+
+_REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI body for endpoints that parse their JSON themselves (any content type, 400 vs 422)."""
+    schema = model.model_json_schema(ref_template=_REF_TEMPLATE)
+    schema.pop("$defs", None)  # hoisted into components by `_with_body_schemas`
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _with_body_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Add the self-parsed body models' nested schemas to the OpenAPI components."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = generate()
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                defs = model.model_json_schema(ref_template=_REF_TEMPLATE).get("$defs", {})
+                components.update(defs)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+async def _parse_body(request: Request, model: type[M]) -> M:
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise error_from_validation_error(e) from None
+
+
+def create_app(
+    backend: ApiBackend, dashboard_dir: Path | None, settings: ApiSettings | None = None
+) -> FastAPI:
+    settings = settings or ApiSettings()
+    placements = Placements()
+    app = FastAPI(title="exo", summary="OpenAI-compatible API of an exo cluster")
+    app.add_middleware(
+        CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
+    )
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_request: Request, exc: ApiError) -> Response:  # pyright: ignore[reportUnusedFunction]
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_request: Request, exc: RequestValidationError) -> Response:  # pyright: ignore[reportUnusedFunction]
+        return error_from_validation(exc.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> Response:  # pyright: ignore[reportUnusedFunction]
+        code = "not_found" if exc.status_code == 404 else None
+        return ApiError(exc.status_code, str(exc.detail), code=code).response()
+
+    # --- OpenAI ----------------------------------------------------------------------
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        openapi_extra=_schema(ChatCompletionRequest),
+        tags=["openai"],
+    )
+    async def chat_completions(request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
+        chat = await _parse_body(request, ChatCompletionRequest)
+        card = backend.model_card(ModelId(chat.model))
+        if card is None:
+            raise model_not_found(chat.model)
+        params = chat_params(chat, card, settings.default_max_tokens)
+        task_id = new_task_id()
+        created = int(time.time())
+        if chat.stream:
+            include_usage = chat.stream_options is not None and chat.stream_options.include_usage
+            chunks = ChunkBuilder(
+                completion_id=task_id,
+                model=card.model_id,
+                created=created,
+                include_usage=include_usage,
+            )
+            return EventStreamResponse(
+                lambda channel: _stream_chat(
+                    backend, placements, settings, task_id, card.model_id, params, chunks, channel
+                )
+            )
+
+        async def complete() -> Response:
+            await placements.serving_instance(backend, card.model_id, settings, _ignore)
+            parts: list[str] = []
+
+            async def collect(text: str) -> None:
+                parts.append(text)
+
+            end = await run_task(
+                backend, task_id, card.model_id, params, settings, _ignore, collect
+            )
+            completion = chat_completion(task_id, card.model_id, created, "".join(parts), end)
+            return JSONResponse(completion.model_dump(mode="json"))
+
+        return WatchedResponse(complete)
+
+    @app.get("/v1/models", tags=["openai"])
+    async def list_models() -> dict[str, Any]:  # pyright: ignore[reportUnusedFunction]
+        return model_list(backend.model_cards()).model_dump(mode="json")
+
+    @app.get("/v1/models/{model_id:path}", tags=["openai"])
+    async def get_model(model_id: str) -> dict[str, Any]:  # pyright: ignore[reportUnusedFunction]
+        card = backend.model_card(ModelId(model_id))
+        if card is None:
+            raise model_not_found(model_id)
+        return model_object(card).model_dump(mode="json")
+
+    # --- cluster ---------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["cluster"])
+    async def healthz() -> dict[str, str]:  # pyright: ignore[reportUnusedFunction]
+        return {"status": "ok", "node_id": backend.node_id}
+
+    @app.get("/state", tags=["cluster"], response_model=None)
+    async def get_state() -> Response:  # pyright: ignore[reportUnusedFunction]
+        state = backend.state()
+        body = StateResponse(
+            node_id=backend.node_id,
+            last_index=state.last_index,
+            state_hash=state.state_hash(),
+            state=state,
+        )
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    @app.get("/events", tags=["cluster"], response_model=None)
+    async def events(  # pyright: ignore[reportUnusedFunction]
+        from_index: int | None = Query(default=None, alias="from", ge=0),
+        last_event_id: str | None = Header(default=None),
+    ) -> Response:
+        start = _events_start(backend.state(), from_index, last_event_id)
+
+        async def produce(channel: SSEChannel) -> None:
+            async with backend.subscribe_events(start) as stream:
+                await channel.start()
+                inbox = Inbox[IndexedEvent]()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(inbox.pump, stream)
+                    try:
+                        while True:
+                            event = await inbox.next(settings.events_keepalive_s)
+                            if event is None:
+                                await channel.comment("keep-alive")
+                            else:
+                                await channel.data(event.model_dump_json(), event_id=event.index)
+                    except InboxClosed:
+                        pass
+                    finally:
+                        tg.cancel_scope.cancel()
+
+        return EventStreamResponse(produce)
+
+    @app.get("/instances", tags=["cluster"])
+    async def list_instances() -> dict[str, Any]:  # pyright: ignore[reportUnusedFunction]
+        state = backend.state()
+        views = tuple(
+            view_instance(state, i)
+            for i in sorted(state.instances.values(), key=lambda i: i.created_at_ms)
+        )
+        return InstanceList(data=views).model_dump(mode="json")
+
+    @app.get("/instances/{instance_id}", tags=["cluster"])
+    async def get_instance(instance_id: str) -> dict[str, Any]:  # pyright: ignore[reportUnusedFunction]
+        state = backend.state()
+        instance = state.instances.get(InstanceId(instance_id))
+        if instance is None:
+            raise ApiError(
+                404, f"No instance {instance_id}.", code="not_found", param="instance_id"
+            )
+        return view_instance(state, instance).model_dump(mode="json")
+
+    @app.post(
+        "/instances",
+        status_code=201,
+        response_model=None,
+        openapi_extra=_schema(PlaceInstanceRequest),
+        tags=["cluster"],
+    )
+    async def place_instance(request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
+        body = await _parse_body(request, PlaceInstanceRequest)
+        model_id = ModelId(body.model)
+        if backend.model_card(model_id) is None:
+            raise model_not_found(body.model)
+        command = PlaceInstance(
+            model_id=model_id,
+            node_id=None if body.node_id is None else NodeId(body.node_id),
+            engine=body.engine,
+        )
+        accepted = await send_command(backend, command, settings)
+        if accepted.created_id is None:
+            raise ApiError(500, "The master placed no instance.", code="placement_failed")
+        await wait_applied(backend, accepted.last_index, settings)
+        reply = InstancePlaced(
+            instance_id=InstanceId(accepted.created_id),
+            model=model_id,
+            last_index=accepted.last_index,
+        )
+        return JSONResponse(reply.model_dump(mode="json"), status_code=201)
+
+    @app.delete("/instances/{instance_id}", tags=["cluster"])
+    async def delete_instance(instance_id: str) -> dict[str, Any]:  # pyright: ignore[reportUnusedFunction]
+        accepted = await send_command(
+            backend, DeleteInstance(instance_id=InstanceId(instance_id)), settings
+        )
+        await wait_applied(backend, accepted.last_index, settings)
+        reply = InstanceDeletedReply(
+            instance_id=InstanceId(instance_id), last_index=accepted.last_index
+        )
+        return reply.model_dump(mode="json")
+
+    _with_body_schemas(app, [ChatCompletionRequest, PlaceInstanceRequest])
+    mount_dashboard(app, dashboard_dir)
+    return app
+
+
+async def _ignore(_note: str) -> None:
+    return None
+
+
+def _events_start(state: State, from_index: int | None, last_event_id: str | None) -> int:
+    """Last-Event-ID (an EventSource resuming) wins over ?from=; neither means live only."""
+    if last_event_id is not None and last_event_id.strip():
+        try:
+            last = int(last_event_id.strip())
+        except ValueError:
+            raise ApiError(
+                400,
+                "Last-Event-ID must be an event index.",
+                code="invalid_value",
+                param="Last-Event-ID",
+            ) from None
+        if last < -1:
+            raise ApiError(
+                400, "Last-Event-ID must be >= -1.", code="invalid_value", param="Last-Event-ID"
+            )
+        return last + 1
+    if from_index is not None:
+        return from_index
+    return state.last_index + 1
+
+
+async def _stream_chat(
+    backend: ApiBackend,
+    placements: Placements,
+    settings: ApiSettings,
+    task_id: TaskId,
+    model_id: ModelId,
+    params: ChatParams,
+    chunks: ChunkBuilder,
+    channel: SSEChannel,
+) -> None:
+    async def on_wait(note: str) -> None:
+        await channel.comment(note)
+
+    await placements.serving_instance(backend, model_id, settings, on_wait)
+    sent_role = False
+
+    async def on_token(text: str) -> None:
+        nonlocal sent_role
+        if not sent_role:
+            sent_role = True
+            await channel.write(chunks.sse(chunks.role()))
+        await channel.write(chunks.sse(chunks.content(text)))
+
+    end = await run_task(backend, task_id, model_id, params, settings, on_wait, on_token)
+    if not sent_role:
+        await channel.write(chunks.sse(chunks.role()))
+    await channel.write(chunks.sse(chunks.finish(end)))
+    if chunks.include_usage:
+        await channel.write(chunks.sse(chunks.usage(end)))
+    await channel.write(SSE_DONE)

@@ -1,0 +1,161 @@
+"""The OpenAI wire shapes: lenient request models in, frozen response models out.
+
+Requests come from many clients, so unknown fields are ignored (and the known-but-unsupported
+ones rejected by `translate`), ints are accepted where floats are expected, but nothing else
+is coerced: no "0.5" strings for numbers, no booleans for ints.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from exo.shared.types.base import Frozen
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class ContentPart(_Request):
+    """One part of a list-valued message content; only "text" parts are served."""
+
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class RequestMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+
+
+class StreamOptions(_Request):
+    include_usage: StrictBool = False
+
+
+class ResponseFormat(_Request):
+    type: StrictStr
+
+
+StopString = Annotated[StrictStr, Field(min_length=1)]
+
+
+class ChatCompletionRequest(_Request):
+    model: StrictStr
+    messages: list[RequestMessage] = Field(min_length=1)
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    seed: StrictInt | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[StrictInt, Field(ge=1)] | None = None
+    # Accepted so that clients sending OpenAI's defaults work; they do not change sampling.
+    presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
+    user: StrictStr | None = None
+    # Known, unsupported: rejected with a clear 400 by `translate` when set.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: ResponseFormat | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+
+
+class PlaceInstanceRequest(_Request):
+    model: StrictStr
+    node_id: StrictStr | None = None
+    engine: Literal["mlx", "torch"] | None = None
+
+
+# --- responses -------------------------------------------------------------------------
+
+OpenAIFinishReason = Literal["stop", "length"]
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+class Usage(Frozen):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(Frozen):
+    """exo's own figures for one completion (an extension; OpenAI clients ignore it)."""
+
+    time_to_first_token_ms: float
+    decode_tokens_per_s: float
+
+
+class ChunkDelta(Frozen):
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=_is_none)
+    content: str | None = Field(default=None, exclude_if=_is_none)
+
+
+class ChunkChoice(Frozen):
+    index: int = 0
+    delta: ChunkDelta
+    logprobs: None = None
+    finish_reason: OpenAIFinishReason | None = None
+
+
+class ChatCompletionChunk(Frozen):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: tuple[ChunkChoice, ...]
+    # Serialised only when the client asked for stream_options.include_usage.
+    usage: Usage | None = None
+    timings: Timings | None = Field(default=None, exclude_if=_is_none)
+
+
+class AssistantMessage(Frozen):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class CompletionChoice(Frozen):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: OpenAIFinishReason
+
+
+class ChatCompletion(Frozen):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: tuple[CompletionChoice, ...]
+    usage: Usage
+    timings: Timings
+
+
+class ModelObject(Frozen):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "exo"
+    # Extensions: what the dashboard and scripts want to know without a second call.
+    display_name: str
+    context_length: int
+    n_layers: int
+    dtype: str
+
+
+class ModelList(Frozen):
+    object: Literal["list"] = "list"
+    data: tuple[ModelObject, ...]

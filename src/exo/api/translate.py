@@ -1,0 +1,260 @@
+"""Pure translation between the OpenAI wire shapes and exo's types: no I/O, no clock.
+
+Defaults (documented in docs/api.md):
+- max_tokens: `max_completion_tokens`, else `max_tokens`, else min(1024, context length);
+  a request above the model's context length is a 400.
+- temperature 1.0 and top_p 1.0 (OpenAI's defaults); top_p 0 means greedy (temperature 0).
+- seed: any integer, reduced modulo 2**63 so that every engine accepts it.
+"""
+
+from collections.abc import Sequence
+
+from exo.api.errors import ApiError
+from exo.api.openai_types import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionChoice,
+    ModelList,
+    ModelObject,
+    OpenAIFinishReason,
+    RequestMessage,
+    Timings,
+    Usage,
+)
+from exo.shared.types.base import Frozen
+from exo.shared.types.chat import ChatMessage, ChatParams, FinishReason, SamplingParams
+from exo.shared.types.models import ModelCard
+from exo.shared.types.stream import StreamEnd
+
+DEFAULT_MAX_TOKENS = 1024
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+SEED_MODULUS = 2**63
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _unsupported(message: str, param: str) -> ApiError:
+    return ApiError(400, message, code="unsupported_feature", param=param)
+
+
+def chat_params(
+    request: ChatCompletionRequest,
+    card: ModelCard,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> ChatParams:
+    """The control-plane request for an OpenAI chat request (raises ApiError 400)."""
+    _reject_unsupported(request)
+    messages = tuple(_message(m, i) for i, m in enumerate(request.messages))
+    return ChatParams(messages=messages, sampling=_sampling(request, card, default_max_tokens))
+
+
+def _reject_unsupported(request: ChatCompletionRequest) -> None:
+    if request.tools or request.functions:
+        param = "tools" if request.tools else "functions"
+        raise _unsupported("Tool and function calling are not supported by exo.", param)
+    if request.tool_choice not in (None, "none"):
+        raise _unsupported("Tool and function calling are not supported by exo.", "tool_choice")
+    if request.function_call not in (None, "none"):
+        raise _unsupported("Tool and function calling are not supported by exo.", "function_call")
+    if request.n is not None and request.n != 1:
+        raise _unsupported("Only n=1 is supported.", "n")
+    if request.response_format is not None and request.response_format.type != "text":
+        raise _unsupported(
+            f"response_format '{request.response_format.type}' is not supported; only 'text' is.",
+            "response_format",
+        )
+    if request.logprobs or request.top_logprobs:
+        raise _unsupported("logprobs are not supported.", "logprobs")
+
+
+def _message(message: RequestMessage, index: int) -> ChatMessage:
+    param = f"messages[{index}]"
+    if message.role in ("tool", "function") or message.tool_calls or message.function_call:
+        raise _unsupported(
+            "Tool and function calling are not supported by exo "
+            f"({param} is a {message.role} message or carries tool calls).",
+            param,
+        )
+    role = "system" if message.role == "developer" else message.role
+    content = message.content
+    if content is None:
+        if role != "assistant":
+            raise ApiError(
+                400,
+                f"{param}.content is required for {role} messages.",
+                code="invalid_value",
+                param=f"{param}.content",
+            )
+        return ChatMessage(role=role, content="")
+    if isinstance(content, str):
+        return ChatMessage(role=role, content=content)
+    texts: list[str] = []
+    for j, part in enumerate(content):
+        part_param = f"{param}.content[{j}]"
+        if part.type in ("image_url", "input_image", "image"):
+            raise _unsupported("Image inputs are not supported by exo's models.", part_param)
+        if part.type in ("input_audio", "audio"):
+            raise _unsupported("Audio inputs are not supported by exo's models.", part_param)
+        if part.type != "text":
+            raise _unsupported(
+                f"Content part type '{part.type}' is not supported; only 'text' is.", part_param
+            )
+        if part.text is None:
+            raise ApiError(
+                400,
+                f"{part_param}.text is required for text parts.",
+                code="invalid_value",
+                param=f"{part_param}.text",
+            )
+        texts.append(part.text)
+    return ChatMessage(role=role, content="\n".join(texts))
+
+
+def _sampling(
+    request: ChatCompletionRequest, card: ModelCard, default_max_tokens: int
+) -> SamplingParams:
+    requested = request.max_completion_tokens or request.max_tokens
+    param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    if requested is not None and requested > card.context_length:
+        raise ApiError(
+            400,
+            f"{param} is too large: {requested}. Model '{card.model_id}' has a context of "
+            f"{card.context_length} tokens.",
+            code="invalid_value",
+            param=param,
+        )
+    max_tokens = requested or min(default_max_tokens, card.context_length)
+    temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
+    top_p = DEFAULT_TOP_P if request.top_p is None else request.top_p
+    if top_p == 0.0:  # the limit of nucleus sampling as p -> 0 is the argmax token
+        temperature, top_p = 0.0, 1.0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        seed=None if request.seed is None else request.seed % SEED_MODULUS,
+        stop=_stops(request.stop),
+    )
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    return tuple(dict.fromkeys(stop))  # de-duplicated, order kept
+
+
+# --- responses -------------------------------------------------------------------------
+
+
+def openai_finish_reason(reason: FinishReason) -> OpenAIFinishReason:
+    """exo's finish reasons that complete a response; "cancelled"/"error" are errors instead."""
+    if reason == "length":
+        return "length"
+    return "stop"
+
+
+def usage(end: StreamEnd) -> Usage:
+    return Usage(
+        prompt_tokens=end.prompt_tokens,
+        completion_tokens=end.completion_tokens,
+        total_tokens=end.prompt_tokens + end.completion_tokens,
+    )
+
+
+def timings(end: StreamEnd) -> Timings:
+    return Timings(
+        time_to_first_token_ms=end.time_to_first_token_ms,
+        decode_tokens_per_s=end.decode_tokens_per_s,
+    )
+
+
+def chat_completion(
+    completion_id: str, model: str, created: int, text: str, end: StreamEnd
+) -> ChatCompletion:
+    return ChatCompletion(
+        id=completion_id,
+        created=created,
+        model=model,
+        choices=(
+            CompletionChoice(
+                message=AssistantMessage(content=text),
+                finish_reason=openai_finish_reason(end.finish_reason),
+            ),
+        ),
+        usage=usage(end),
+        timings=timings(end),
+    )
+
+
+class ChunkBuilder(Frozen):
+    """The chunks of one streamed completion; all share id, created and model."""
+
+    completion_id: str
+    model: str
+    created: int
+    include_usage: bool = False
+
+    def _chunk(
+        self, delta: ChunkDelta, finish_reason: OpenAIFinishReason | None = None
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.completion_id,
+            created=self.created,
+            model=self.model,
+            choices=(ChunkChoice(delta=delta, finish_reason=finish_reason),),
+        )
+
+    def role(self) -> ChatCompletionChunk:
+        return self._chunk(ChunkDelta(role="assistant", content=""))
+
+    def content(self, text: str) -> ChatCompletionChunk:
+        return self._chunk(ChunkDelta(content=text))
+
+    def finish(self, end: StreamEnd) -> ChatCompletionChunk:
+        return self._chunk(ChunkDelta(), openai_finish_reason(end.finish_reason))
+
+    def usage(self, end: StreamEnd) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.completion_id,
+            created=self.created,
+            model=self.model,
+            choices=(),
+            usage=usage(end),
+            timings=timings(end),
+        )
+
+    def sse(self, chunk: ChatCompletionChunk) -> bytes:
+        """`data: {chunk}` with `"usage": null` on every chunk only when usage was asked for."""
+        exclude = None if self.include_usage else {"usage"}
+        return sse_data(chunk.model_dump_json(exclude=exclude))
+
+
+def sse_data(payload: str, event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    body = "".join(f"data: {line}\n" for line in payload.split("\n"))
+    return f"{head}{body}\n".encode()
+
+
+def sse_comment(text: str) -> bytes:
+    return "".join(f": {line}\n" for line in text.split("\n")).encode() + b"\n"
+
+
+def model_object(card: ModelCard) -> ModelObject:
+    return ModelObject(
+        id=card.model_id,
+        display_name=card.display_name,
+        context_length=card.context_length,
+        n_layers=card.n_layers,
+        dtype=card.dtype,
+    )
+
+
+def model_list(cards: Sequence[ModelCard]) -> ModelList:
+    return ModelList(data=tuple(model_object(c) for c in sorted(cards, key=lambda c: c.model_id)))

