@@ -11,6 +11,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 from pathlib import Path
 
 import httpx
@@ -18,7 +19,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.daemon import Daemon  # noqa: E402
+from tests.daemon import Daemon
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
@@ -46,7 +47,11 @@ def api_run(daemon: Daemon) -> tuple[float, float, int]:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and first is None and chunk["choices"][0]["delta"].get("content"):
+            if (
+                chunk.get("choices")
+                and first is None
+                and chunk["choices"][0]["delta"].get("content")
+            ):
                 first = time.perf_counter()
     end = time.perf_counter()
     assert first is not None and tokens > 1
@@ -58,7 +63,8 @@ def mlx_lm_run(model_dir: Path, n_tokens: int) -> tuple[float, float]:
     import mlx_lm  # pyright: ignore[reportMissingTypeStubs]
     from mlx_lm.sample_utils import make_sampler  # pyright: ignore[reportMissingTypeStubs]
 
-    model, tokenizer = mlx_lm.load(str(model_dir))  # pyright: ignore[reportUnknownVariableType, reportUnknownMemberType]
+    loaded: Any = mlx_lm.load(str(model_dir))  # pyright: ignore[reportUnknownMemberType]
+    model, tokenizer = loaded[0], loaded[1]
     prompt = tokenizer.apply_chat_template(  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True
     )
@@ -112,7 +118,9 @@ def main() -> None:
     print(f"raw mlx_lm   decode tok/s {ref_tps:8.2f}   ttft {ref_ttft * 1000:8.1f} ms")
     print(f"exo API      decode tok/s {api_tps:8.2f}   ttft {api_ttft * 1000:8.1f} ms")
     print(f"ratio decode (exo / mlx_lm)     {api_tps / ref_tps:.3f}   (target >= 0.95)")
-    print(f"added ttft (exo - mlx_lm)       {(api_ttft - ref_ttft) * 1000:+.1f} ms   (target <= 50)")
+    print(
+        f"added ttft (exo - mlx_lm)       {(api_ttft - ref_ttft) * 1000:+.1f} ms   (target <= 50)"
+    )
     print(f"idle daemon CPU, model loaded   {idle:.2f} % of one core   (target < 2)")
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import anyio
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
 from loguru import logger
 
 from exo.master.decide import DecideContext, Decision, decide
@@ -56,9 +57,7 @@ class Master:
                 tg.start_soon(self._serve_commands, commands)
                 tg.start_soon(self._serve_local_events, local_events)
 
-    async def _serve_commands(
-        self, commands: anyio.abc.ObjectReceiveStream[CommandEnvelope]
-    ) -> None:
+    async def _serve_commands(self, commands: MemoryObjectReceiveStream[CommandEnvelope]) -> None:
         async for envelope in commands:
             reply = await self._handle_command(envelope)
             await self._router.publish(
@@ -98,7 +97,7 @@ class Master:
         return LocalEvent(origin=self._origin, origin_seq=self._own_seq, event=event)
 
     async def _serve_local_events(
-        self, local_events: anyio.abc.ObjectReceiveStream[LocalEvent]
+        self, local_events: MemoryObjectReceiveStream[LocalEvent]
     ) -> None:
         async for first in local_events:
             batch = [first]

@@ -11,8 +11,8 @@ from exo.shared.types.events import (
     ModelStoreProgress,
     NodeStarted,
     RunnerStatusChanged,
-    TaskCreated,
     TaskCancelled,
+    TaskCreated,
     TaskFailed,
     TaskFinished,
     TaskFirstToken,
@@ -163,9 +163,7 @@ def _drop_failed_tasks(state: State, task_ids: set[TaskId]) -> State:
 
 
 def _count_failed(state: State, n: int) -> State:
-    counters: TaskCounters = state.counters.model_copy(
-        update={"failed": state.counters.failed + n}
-    )
+    counters: TaskCounters = state.counters.model_copy(update={"failed": state.counters.failed + n})
     return state.model_copy(update={"counters": counters})
 
 

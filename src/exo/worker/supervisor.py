@@ -38,8 +38,8 @@ from exo.worker.runner.protocol import (
     TO_RUNNER,
     Cancel,
     FrameError,
-    GenerationStarted,
     Generate,
+    GenerationStarted,
     LoadShard,
     Shutdown,
     StatusReport,
@@ -197,7 +197,9 @@ class RunnerSupervisor:
                     self._last_progress = status.progress
                 if status.kind == "ready":
                     self._ready.set()
-                await self._emitter.emit(RunnerStatusChanged(runner_id=self.runner_id, status=status))
+                await self._emitter.emit(
+                    RunnerStatusChanged(runner_id=self.runner_id, status=status)
+                )
                 self._on_change()
             case GenerationStarted(task_id=task_id):
                 if task_id in self._in_flight:

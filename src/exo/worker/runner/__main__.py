@@ -1,0 +1,43 @@
+"""`python -m exo.worker.runner`: a runner subprocess speaking frames on stdin/stdout."""
+
+import os
+import queue
+import sys
+import threading
+
+from loguru import logger
+
+from exo.worker.runner.process import FrameWriter, Runner, read_messages
+from exo.worker.runner.protocol import ToRunner
+
+
+def main() -> int:
+    # Frames own fd 1: keep a private handle to it, then point fd 1 (and sys.stdout) at
+    # stderr so a stray print, or a library writing to fd 1, cannot corrupt the stream.
+    frames_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    logger.remove()
+    logger.add(sys.stderr, level=os.environ.get("EXO_RUNNER_LOG_LEVEL", "INFO"))
+
+    inbox: queue.Queue[ToRunner | None] = queue.Queue()
+    reader = threading.Thread(
+        target=read_messages, args=(sys.stdin.buffer, inbox), name="runner-stdin", daemon=True
+    )
+    reader.start()
+    try:
+        return Runner(inbox, FrameWriter(frames_out)).run()
+    finally:
+        frames_out.close()
+
+
+if __name__ == "__main__":
+    try:
+        code = main()
+    except BaseException:
+        logger.exception("runner crashed")
+        code = 1
+    sys.stderr.flush()
+    # The reader thread may be blocked reading stdin: normal interpreter shutdown would abort
+    # on that stream's lock, so leave without it (frames were flushed and closed above).
+    os._exit(code)
