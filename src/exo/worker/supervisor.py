@@ -195,8 +195,9 @@ class RunnerSupervisor:
                     if status.progress < 1.0 and status.progress - self._last_progress < 0.1:
                         return  # loading progress is rate-limited: the log is no ticker
                     self._last_progress = status.progress
-                if status.kind == "ready":
+                if status.kind == "ready" and not self._ready.is_set():
                     self._ready.set()
+                    logger.info(f"runner {self.runner_id} ready")
                 await self._emitter.emit(
                     RunnerStatusChanged(runner_id=self.runner_id, status=status)
                 )

@@ -7,6 +7,7 @@ import anyio
 from anyio.abc import TaskGroup
 from loguru import logger
 
+from exo.models.progress import ConsoleProgress
 from exo.routing.emitter import EventEmitter
 from exo.routing.router import Router
 from exo.shared.replica import LogReplica
@@ -150,8 +151,10 @@ class Worker:
         """Convert/download the model into the store once; report progress as events."""
         async with self._prepare_lock:
             last = [-1.0]
+            console = ConsoleProgress(f"preparing {model_id}")
 
             def on_progress(done: int, total: int) -> None:
+                console(done, total)
                 fraction = done / total if total else 1.0
                 if fraction < 1.0 and fraction - last[0] < _PROGRESS_STEP:
                     return
@@ -165,5 +168,6 @@ class Worker:
                 )
                 anyio.from_thread.run(self._emitter.emit, event)
 
-            return await anyio.to_thread.run_sync(self._models.ensure, model_id, on_progress)
+            with console:
+                return await anyio.to_thread.run_sync(self._models.ensure, model_id, on_progress)
 
