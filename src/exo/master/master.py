@@ -15,6 +15,7 @@ from loguru import logger
 from exo.master.decide import DecideContext, Decision, decide
 from exo.routing import topics
 from exo.routing.router import Router
+from exo.shared.eventlog import EventLogError
 from exo.shared.replica import LogReplica
 from exo.shared.types.commands import CommandAccepted, CommandEnvelope, CommandRejected
 from exo.shared.types.events import Event, EventOrigin, IndexedEvent, LocalEvent
@@ -85,7 +86,16 @@ class Master:
                     command_id=envelope.command_id, code=outcome.code, message=outcome.message
                 )
             own = [self._next_own(e) for e in outcome.events]
-            await self._index(own)
+            try:
+                await self._index(own)
+            except EventLogError as exc:
+                self._own_seq -= len(own)
+                logger.error(f"could not persist events of {envelope.command.kind}: {exc}")
+                return CommandRejected(
+                    command_id=envelope.command_id,
+                    code="unavailable",
+                    message=f"the event log could not be written: {exc}",
+                )
             return CommandAccepted(
                 command_id=envelope.command_id,
                 created_id=outcome.created_id,
@@ -107,7 +117,10 @@ class Master:
                 except anyio.WouldBlock:
                     break
             async with self._lock:
-                await self._index(self._in_order_new(batch))
+                try:
+                    await self._index(self._in_order_new(batch))
+                except EventLogError as exc:  # producers re-send; nothing was applied
+                    logger.error(f"could not persist {len(batch)} local events: {exc}")
 
     def _in_order_new(self, batch: Sequence[LocalEvent]) -> list[LocalEvent]:
         """Exactly-once, in order per origin: drop re-sends and anything past a gap."""

@@ -50,7 +50,14 @@ class CommandEnvelope(Frozen):
 
 
 RejectionCode = Literal[
-    "unknown_model", "no_instance", "not_found", "placement_failed", "not_master", "invalid"
+    "unknown_model",
+    "no_instance",
+    "not_found",
+    "placement_failed",
+    "not_master",
+    "invalid",
+    # The master could not make the command's events durable (disk full, I/O error).
+    "unavailable",
 ]
 
 
