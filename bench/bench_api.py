@@ -11,8 +11,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
