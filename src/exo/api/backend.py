@@ -30,9 +30,7 @@ class ApiBackend(Protocol):
         """Deliver to the master and wait for its accept/reject (raises TimeoutError)."""
         ...
 
-    async def wait_for_state(
-        self, predicate: Callable[[State], bool], timeout_s: float
-    ) -> State:
+    async def wait_for_state(self, predicate: Callable[[State], bool], timeout_s: float) -> State:
         """Return the first state (current or later) satisfying predicate; TimeoutError if none."""
         ...
 

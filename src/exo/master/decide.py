@@ -107,7 +107,9 @@ def _place(
         return Decision(created_id=existing.instance_id)  # placing is idempotent per model
     # A failed instance of the model only holds memory: clear it before placing anew.
     cleanup: list[Event] = [
-        InstanceDeleted(instance_id=i.instance_id, reason=f"replaced after failure: {i.failed_reason}")
+        InstanceDeleted(
+            instance_id=i.instance_id, reason=f"replaced after failure: {i.failed_reason}"
+        )
         for i in state.instances.values()
         if i.model_id == command.model_id and i.failed_reason is not None
     ]
@@ -120,4 +122,6 @@ def _place(
         shards=shards,
         created_at_ms=ctx.now_ms,
     )
-    return Decision(events=(*cleanup, InstanceCreated(instance=instance)), created_id=instance.instance_id)
+    return Decision(
+        events=(*cleanup, InstanceCreated(instance=instance)), created_id=instance.instance_id
+    )

@@ -25,7 +25,9 @@ def place_instance(
     up = sorted(n.node_id for n in state.nodes.values() if n.status == "up")
     if request.node_id is not None:
         if request.node_id not in up:
-            return PlacementError(reason=f"node {request.node_id} is not an up member of the cluster")
+            return PlacementError(
+                reason=f"node {request.node_id} is not an up member of the cluster"
+            )
         node: NodeId = request.node_id
     elif up:
         node = _least_loaded(state, up)

@@ -18,7 +18,12 @@ from exo.shared.types.events import Event, EventOrigin, LocalEvent
 
 class EventEmitter:
     def __init__(
-        self, *, origin: EventOrigin, router: Router, replica: LogReplica, resend_after_s: float = 2.0
+        self,
+        *,
+        origin: EventOrigin,
+        router: Router,
+        replica: LogReplica,
+        resend_after_s: float = 2.0,
     ) -> None:
         self.origin = origin
         self._router = router
@@ -48,7 +53,9 @@ class EventEmitter:
             for seq in [s for s in self._pending if s <= acked]:
                 del self._pending[seq]
             now = time.monotonic()
-            stale = sorted(s for s, (_, sent) in self._pending.items() if now - sent > self._resend_after_s)
+            stale = sorted(
+                s for s, (_, sent) in self._pending.items() if now - sent > self._resend_after_s
+            )
             if stale:
                 logger.debug(f"re-sending {len(stale)} local events from seq {stale[0]}")
             for seq in stale:  # in order: the master accepts only the next expected seq

@@ -123,7 +123,9 @@ class LogReplica:
         return [_EVENT.validate_json(p) for _i, p in self._log.read_range(start, end)]
 
     @asynccontextmanager
-    async def subscribe(self, from_index: int) -> AsyncGenerator[MemoryObjectReceiveStream[IndexedEvent]]:
+    async def subscribe(
+        self, from_index: int
+    ) -> AsyncGenerator[MemoryObjectReceiveStream[IndexedEvent]]:
         """Held events from `from_index`, then live ones, with no gap between the two."""
         send, receive = anyio.create_memory_object_stream[IndexedEvent](math.inf)
         async with self._append_lock:  # no event can be applied between backlog and live

@@ -67,7 +67,9 @@ def plan(state: State, view: WorkerView) -> list[Action]:
     for runner_id, (instance, shard) in sorted(mine.items()):
         if instance.failed_reason is None and runner_id not in view.spawned:
             actions.append(
-                SpawnRunner(instance_id=instance.instance_id, model_id=instance.model_id, shard=shard)
+                SpawnRunner(
+                    instance_id=instance.instance_id, model_id=instance.model_id, shard=shard
+                )
             )
     for task_id, runner_id in sorted(view.dispatched.items()):
         if task_id not in state.tasks:

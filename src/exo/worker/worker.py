@@ -170,4 +170,3 @@ class Worker:
 
             with console:
                 return await anyio.to_thread.run_sync(self._models.ensure, model_id, on_progress)
-
