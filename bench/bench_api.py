@@ -58,28 +58,36 @@ def api_run(daemon: Daemon) -> tuple[float, float, int]:
     return first - start, (tokens - 1) / (end - first), tokens
 
 
-def mlx_lm_run(model_dir: Path, n_tokens: int) -> tuple[float, float]:
-    """(ttft seconds, decode tokens/s) of mlx_lm's own generation loop, greedy."""
-    import mlx_lm  # pyright: ignore[reportMissingTypeStubs]
-    from mlx_lm.sample_utils import make_sampler  # pyright: ignore[reportMissingTypeStubs]
+class MlxLmReference:
+    """mlx_lm's own loop on the same converted directory, loaded once."""
 
-    loaded: Any = mlx_lm.load(str(model_dir))  # pyright: ignore[reportUnknownMemberType]
-    model, tokenizer = loaded[0], loaded[1]
-    prompt = tokenizer.apply_chat_template(  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-        [{"role": "user", "content": PROMPT}], add_generation_prompt=True
-    )
-    start = time.perf_counter()
-    first: float | None = None
-    count = 0
-    for _ in mlx_lm.stream_generate(  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-        model, tokenizer, prompt, max_tokens=n_tokens, sampler=make_sampler(temp=0.0)
-    ):
-        count += 1
-        if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    assert first is not None
-    return first - start, (count - 1) / (end - first)
+    def __init__(self, model_dir: Path) -> None:
+        import mlx_lm  # pyright: ignore[reportMissingTypeStubs]
+        from mlx_lm.sample_utils import make_sampler  # pyright: ignore[reportMissingTypeStubs]
+
+        loaded: Any = mlx_lm.load(str(model_dir))  # pyright: ignore[reportUnknownMemberType]
+        self._mlx_lm: Any = mlx_lm
+        self._model: Any = loaded[0]
+        self._tokenizer: Any = loaded[1]
+        self._sampler: Any = make_sampler(temp=0.0)
+        self._prompt: Any = self._tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPT}], add_generation_prompt=True
+        )
+
+    def run(self, n_tokens: int) -> tuple[float, float]:
+        """(ttft seconds, decode tokens/s), greedy."""
+        start = time.perf_counter()
+        first: float | None = None
+        count = 0
+        for _ in self._mlx_lm.stream_generate(
+            self._model, self._tokenizer, self._prompt, max_tokens=n_tokens, sampler=self._sampler
+        ):
+            count += 1
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        assert first is not None
+        return first - start, (count - 1) / (end - first)
 
 
 def idle_cpu_percent(daemon: Daemon, seconds: float = 10.0) -> float:
@@ -97,18 +105,21 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
-        model_dir = ModelStore(models).ensure(MODEL, lambda done, total: None)  # pyright: ignore[reportArgumentType]
+        model_dir = ModelStore(models).ensure(MODEL)
+        reference = MlxLmReference(model_dir)
         daemon = Daemon(Path(tmp) / "node", models).start()
         try:
             daemon.wait_ready(MODEL)
-            api_run(daemon)  # warm-up
-            api = [api_run(daemon) for _ in range(RUNS)]
+            n_tokens = api_run(daemon)[2]  # warm-up; the reference makes as many tokens
+            reference.run(8)
+            api: list[tuple[float, float, int]] = []
+            ref: list[tuple[float, float]] = []
+            for _ in range(RUNS):  # interleaved, so background load hits both alike
+                api.append(api_run(daemon))
+                ref.append(reference.run(n_tokens))
             idle = idle_cpu_percent(daemon)
         finally:
             daemon.stop()
-        n_tokens = api[0][2]
-        mlx_lm_run(model_dir, 8)  # warm-up
-        ref = [mlx_lm_run(model_dir, n_tokens) for _ in range(RUNS)]
 
     api_ttft = statistics.median(a[0] for a in api)
     api_tps = statistics.median(a[1] for a in api)
