@@ -9,7 +9,7 @@ echo "== ruff"
 echo "== basedpyright (strict)"
 "${UV[@]}" run --frozen basedpyright
 echo "== dashboard (build, svelte-check, Vitest)"
-if command -v npm >/dev/null 2>&1; then
+if [ -f dashboard/package.json ] && command -v npm >/dev/null 2>&1; then
   bash scripts/build-dashboard.sh
   (cd dashboard && npm run check --silent && npm test --silent)
 else
