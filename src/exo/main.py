@@ -65,6 +65,11 @@ def _default_dashboard_dir() -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "place":  # offline placement: `exo place --cluster C --model M`
+        from exo.place_cli import place_main
+
+        sys.exit(place_main(argv[1:]))
     args = _parser().parse_args(argv)
     dashboard: Path | None = args.dashboard_dir or _default_dashboard_dir()
     config = NodeConfig(

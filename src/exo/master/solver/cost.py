@@ -1,0 +1,249 @@
+"""The cost model: per-device layer times, memory caps and hand-off times, compiled once.
+
+Decode is memory-bound: a stage reads its layers' weights and KV cache once per token.
+Every formula is written down in docs/placement.md; the solver, the heuristics and the
+predictions all read the same compiled `Problem`, so they can never disagree.
+"""
+
+import itertools
+
+from pydantic import Field
+
+from exo.shared.types.base import Frozen
+from exo.shared.types.models import ModelCard
+from exo.shared.types.placement import PlacementRequest
+from exo.shared.types.topology import ClusterView, DeviceProfile
+
+# Bytes per weight of common storage formats (block formats include their scales).
+_BYTES_PER_PARAM: dict[str, float] = {
+    "float32": 4.0,
+    "bfloat16": 2.0,
+    "float16": 2.0,
+    "fp8": 1.0,
+    "int8": 1.0,
+    "q8_0": 34 / 32,
+    "q4_0": 18 / 32,
+    "q4_1": 20 / 32,
+    "q4_affine_g32": 20 / 32,
+    "q4_affine_g64": 36 / 64,
+    "q4_k": 144 / 256,
+}
+
+DEFAULT_CONTEXT = 4096
+
+# An ordered pipeline: (index into Problem.devices, number of layers) per stage.
+Split = tuple[tuple[int, int], ...]
+
+
+def bytes_per_param(dtype: str) -> float:
+    # Unknown formats count as 16-bit: that over-counts nothing but compute.
+    return _BYTES_PER_PARAM.get(dtype.lower(), 2.0)
+
+
+def activation_bytes(card: ModelCard) -> int:
+    """One token's hidden state on the wire: 16-bit activations unless the model is float32."""
+    return card.hidden_size * (4 if card.dtype.lower() == "float32" else 2)
+
+
+def context_length(card: ModelCard, request: PlacementRequest) -> int:
+    if request.context_length is not None:
+        return request.context_length
+    return min(card.context_length, DEFAULT_CONTEXT)
+
+
+class DeviceTerms(Frozen):
+    """What one eligible device costs per layer and how many layers it can hold."""
+
+    device: DeviceProfile
+    layer_decode_s: float
+    head_decode_s: float
+    layer_prefill_s: float
+    usable_bytes: int
+    overhead_bytes: int
+    max_layers_middle: int = Field(ge=0)
+    # When it also holds the embedding / output head (first or last stage).
+    max_layers_end: int = Field(ge=0)
+
+
+class Problem(Frozen):
+    """A placement problem with every cost already computed; indices refer to `devices`."""
+
+    card: ModelCard
+    request: PlacementRequest
+    context_length: int
+    layer_bytes: int
+    kv_bytes_per_layer: int
+    devices: tuple[DeviceTerms, ...]
+    # [i][j]: activation hand-off i -> j (None: no link between their nodes).
+    handoff_s: tuple[tuple[float | None, ...], ...]
+    handoff_prefill_s: tuple[tuple[float | None, ...], ...]
+    # [i][j]: the sampled token's trip from the last stage i back to the first stage j.
+    return_s: tuple[tuple[float | None, ...], ...]
+    # [i][j]: how long one token's activation occupies the path i -> j.
+    occupancy_s: tuple[tuple[float | None, ...], ...]
+
+    @property
+    def n_layers(self) -> int:
+        return self.card.n_layers
+
+    def local(self, i: int, j: int) -> bool:
+        return self.devices[i].device.node_id == self.devices[j].device.node_id
+
+
+def _roofline(read_bytes: float, flops: float, device: DeviceProfile, p: PlacementRequest) -> float:
+    bw = device.memory_bandwidth_bytes_per_s * p.params.bandwidth_efficiency
+    compute = device.compute_flops * p.params.compute_efficiency
+    return max(read_bytes / bw, flops / compute)
+
+
+def device_terms(
+    card: ModelCard, device: DeviceProfile, request: PlacementRequest, ctx: int
+) -> DeviceTerms:
+    params = request.params
+    per_layer = card.bytes_per_layer + card.kv_bytes_per_token_per_layer * ctx
+    usable = int(device.memory_free_bytes * (1.0 - params.memory_margin))
+    overhead = params.overhead_bytes(device.kind)
+    room = usable - overhead
+    middle = max(0, min(card.n_layers, room // per_layer))
+    end = max(0, min(card.n_layers, (room - card.bytes_non_layer) // per_layer))
+    layer_flops = 2.0 * card.bytes_per_layer / bytes_per_param(card.dtype)
+    head_flops = 2.0 * card.vocab_size * card.hidden_size
+    # The output head is the embedding matrix (tied) or a same-sized one: never more than all non-layer bytes.
+    head_bytes = min(
+        card.bytes_non_layer, card.vocab_size * card.hidden_size * bytes_per_param(card.dtype)
+    )
+    prompt = request.reference_prompt_tokens
+    # Decoding at the reference position reads that many tokens of KV cache per layer.
+    decode_read = card.bytes_per_layer + card.kv_bytes_per_token_per_layer * prompt
+    return DeviceTerms(
+        device=device,
+        layer_decode_s=_roofline(decode_read, layer_flops, device, request),
+        head_decode_s=_roofline(head_bytes, head_flops, device, request),
+        layer_prefill_s=_roofline(card.bytes_per_layer, layer_flops * prompt, device, request),
+        usable_bytes=usable,
+        overhead_bytes=overhead,
+        max_layers_middle=middle,
+        max_layers_end=end,
+    )
+
+
+def compile_problem(
+    card: ModelCard,
+    cluster: ClusterView,
+    devices: tuple[DeviceProfile, ...],
+    request: PlacementRequest,
+) -> Problem:
+    ctx = context_length(card, request)
+    params = request.params
+    act = activation_bytes(card)
+    prompt_act = act * request.reference_prompt_tokens
+    n = len(devices)
+    # Reverse first, so that a link given for the exact direction wins.
+    links = {(lk.dst, lk.src): lk for lk in cluster.links} | {
+        (lk.src, lk.dst): lk for lk in cluster.links
+    }
+    handoff: list[list[float | None]] = [[None] * n for _ in range(n)]
+    prefill: list[list[float | None]] = [[None] * n for _ in range(n)]
+    back: list[list[float | None]] = [[None] * n for _ in range(n)]
+    busy: list[list[float | None]] = [[None] * n for _ in range(n)]
+    for i, a in enumerate(devices):
+        for j, b in enumerate(devices):
+            if i == j:
+                # One stage: no hand-off, and the token never leaves the device.
+                back[i][j] = 0.0
+                continue
+            if a.node_id == b.node_id:
+                latency, bandwidth = params.local_latency_s, params.local_bandwidth_bytes_per_s
+            else:
+                link = links.get((a.node_id, b.node_id))
+                if link is None:
+                    continue
+                # A network hop also pays the device-to-host and host-to-device copies.
+                latency = params.local_latency_s + link.latency_s
+                bandwidth = min(link.bandwidth_bytes_per_s, params.local_bandwidth_bytes_per_s)
+            handoff[i][j] = latency + act / bandwidth
+            prefill[i][j] = latency + prompt_act / bandwidth
+            back[i][j] = latency + params.token_frame_bytes / bandwidth
+            busy[i][j] = act / bandwidth
+    return Problem(
+        card=card,
+        request=request,
+        context_length=ctx,
+        layer_bytes=card.bytes_per_layer,
+        kv_bytes_per_layer=card.kv_bytes_per_token_per_layer * ctx,
+        devices=tuple(device_terms(card, d, request, ctx) for d in devices),
+        handoff_s=tuple(tuple(r) for r in handoff),
+        handoff_prefill_s=tuple(tuple(r) for r in prefill),
+        return_s=tuple(tuple(r) for r in back),
+        occupancy_s=tuple(tuple(r) for r in busy),
+    )
+
+
+def stage_decode_s(problem: Problem, device: int, layers: int, last: bool) -> float:
+    terms = problem.devices[device]
+    return layers * terms.layer_decode_s + (terms.head_decode_s if last else 0.0)
+
+
+def max_layers(problem: Problem, device: int, end: bool) -> int:
+    terms = problem.devices[device]
+    return terms.max_layers_end if end else terms.max_layers_middle
+
+
+def routable(problem: Problem, split: Split) -> bool:
+    """Every hand-off and the token's return have a link."""
+    order = [d for d, _ in split]
+    hops = all(problem.handoff_s[a][b] is not None for a, b in itertools.pairwise(order))
+    return hops and problem.return_s[order[-1]][order[0]] is not None
+
+
+def fits(problem: Problem, split: Split) -> bool:
+    """Valid: all layers once, each stage non-empty, within memory, on distinct linked devices."""
+    if not split or sum(n for _, n in split) != problem.n_layers:
+        return False
+    if len({d for d, _ in split}) != len(split):
+        return False
+    last = len(split) - 1
+    for k, (d, n) in enumerate(split):
+        if n < 1 or n > max_layers(problem, d, end=k in (0, last)):
+            return False
+    return routable(problem, split)
+
+
+def latency_s(problem: Problem, split: Split) -> float:
+    """Single-stream time per token: stages + hand-offs + the token's return trip."""
+    last = len(split) - 1
+    total = sum(stage_decode_s(problem, d, n, k == last) for k, (d, n) in enumerate(split))
+    for (a, _), (b, _) in itertools.pairwise(split):
+        total += _known(problem.handoff_s[a][b])
+    return total + _known(problem.return_s[split[-1][0]][split[0][0]])
+
+
+def bottleneck_s(problem: Problem, split: Split) -> float:
+    """With many streams in flight, one token per this interval: the busiest stage or link."""
+    last = len(split) - 1
+    busiest = max(stage_decode_s(problem, d, n, k == last) for k, (d, n) in enumerate(split))
+    links = [_known(problem.occupancy_s[a][b]) for (a, _), (b, _) in itertools.pairwise(split)]
+    return max([busiest, *links])
+
+
+def objective_s(problem: Problem, split: Split) -> tuple[float, float]:
+    """The request's objective first, the other as tie-break: smaller is better."""
+    lat, neck = latency_s(problem, split), bottleneck_s(problem, split)
+    return (lat, neck) if problem.request.objective == "latency" else (neck, lat)
+
+
+def ttft_s(problem: Problem, split: Split) -> float:
+    """Reference prompt through every stage in turn, then the first token's return."""
+    total = 0.0
+    for k, (d, n) in enumerate(split):
+        terms = problem.devices[d]
+        total += n * terms.layer_prefill_s + (terms.head_decode_s if k == len(split) - 1 else 0.0)
+    for (a, _), (b, _) in itertools.pairwise(split):
+        total += _known(problem.handoff_prefill_s[a][b])
+    return total + _known(problem.return_s[split[-1][0]][split[0][0]])
+
+
+def _known(value: float | None) -> float:
+    if value is None:
+        raise ValueError("split uses a hop with no link; check routable() first")
+    return value

@@ -1,0 +1,187 @@
+"""Placement requests and their answers: a pipeline of stages with predicted figures, or why not."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from exo.shared.types.base import Frozen
+from exo.shared.types.ids import ModelId, NodeId
+from exo.shared.types.topology import DeviceId, DeviceKind
+
+# latency: minimise single-stream time per token; throughput: minimise the bottleneck stage.
+Objective = Literal["latency", "throughput"]
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+class CostParams(Frozen):
+    """The cost model's constants; the defaults are documented in docs/placement.md."""
+
+    # Spec-sheet figures are peaks; decode kernels reach roughly this share of them.
+    bandwidth_efficiency: float = Field(default=0.8, gt=0, le=1)
+    compute_efficiency: float = Field(default=0.5, gt=0, le=1)
+    # Runtime context, allocator slack and activation workspace, per device kind.
+    overhead_cuda_bytes: int = Field(default=768 * MIB, ge=0)
+    overhead_metal_bytes: int = Field(default=512 * MIB, ge=0)
+    overhead_cpu_bytes: int = Field(default=384 * MIB, ge=0)
+    # Free memory is a moving target: keep this share of it unused.
+    memory_margin: float = Field(default=0.05, ge=0, lt=1)
+    # Hand-off between two devices of one node: a device-host-device copy, no network.
+    # A network hop pays this copy too, plus the link.
+    local_latency_s: float = Field(default=10e-6, ge=0)
+    local_bandwidth_bytes_per_s: float = Field(default=10e9, gt=0)
+    # The sampled token travels back to the first stage in a small frame.
+    token_frame_bytes: int = Field(default=64, gt=0)
+
+    def overhead_bytes(self, kind: DeviceKind) -> int:
+        return {
+            "cuda": self.overhead_cuda_bytes,
+            "metal": self.overhead_metal_bytes,
+            "cpu": self.overhead_cpu_bytes,
+        }[kind]
+
+
+class ManualStage(Frozen):
+    """One stage of a user-pinned split: layers [start_layer, end_layer) on one device."""
+
+    device_id: DeviceId
+    start_layer: int = Field(ge=0)
+    end_layer: int = Field(gt=0)
+
+
+class PlacementRequest(Frozen):
+    objective: Objective = "latency"
+    # Tokens of KV cache reserved per request; None: min(model context, 4096).
+    context_length: int | None = Field(default=None, gt=0)
+    # Prompt length that the predicted time to first token refers to.
+    reference_prompt_tokens: int = Field(default=512, gt=0)
+    include_nodes: tuple[NodeId, ...] | None = None
+    exclude_nodes: tuple[NodeId, ...] = ()
+    include_devices: tuple[DeviceId, ...] | None = None
+    exclude_devices: tuple[DeviceId, ...] = ()
+    # Validate and cost this split instead of solving.
+    manual_split: tuple[ManualStage, ...] | None = None
+    # Wall-clock budget for the whole call; None: sized to the cluster (docs/placement.md).
+    time_limit_s: float | None = Field(default=None, gt=0)
+    num_workers: int = Field(default=1, ge=1, le=8)
+    params: CostParams = CostParams()
+
+
+class MemoryUse(Frozen):
+    weights_bytes: int
+    kv_cache_bytes: int
+    overhead_bytes: int
+    total_bytes: int
+    free_bytes: int
+    # What the device may use: free minus the safety margin.
+    usable_bytes: int
+
+
+class Stage(Frozen):
+    """Layers [start_layer, end_layer) on one device, in pipeline order."""
+
+    device_id: DeviceId
+    node_id: NodeId
+    device_name: str
+    start_layer: int = Field(ge=0)
+    end_layer: int = Field(gt=0)
+    # The first stage embeds tokens, the last computes logits and samples.
+    holds_embedding: bool
+    holds_head: bool
+    decode_time_s: float
+    prefill_time_s: float
+    # Activation hand-off to the next stage (for the last stage: the token's return trip).
+    handoff_s: float
+    handoff_local: bool
+    memory: MemoryUse
+
+    @property
+    def n_layers(self) -> int:
+        return self.end_layer - self.start_layer
+
+
+class Prediction(Frozen):
+    # One token of one stream: every stage, every hand-off, and the token's return.
+    time_per_token_s: float
+    tokens_per_s: float
+    # Many streams in flight: the busiest stage or link sets the pace.
+    bottleneck_s: float
+    throughput_tokens_per_s: float
+    ttft_s: float
+    reference_prompt_tokens: int
+    context_length: int
+
+
+SolverStatus = Literal["optimal", "feasible", "heuristic", "baseline", "manual"]
+
+
+class SolverReport(Frozen):
+    # optimal/feasible: CP-SAT; heuristic: the greedy won or CP-SAT found nothing in time;
+    # baseline: the memory-proportional split was at least as good; manual: a pinned split.
+    status: SolverStatus
+    solve_time_s: float
+    time_limit_s: float
+    # Proven lower bound on the objective (seconds), when CP-SAT ran.
+    bound_s: float | None = None
+    eligible_devices: int
+
+
+class Placement(Frozen):
+    model_id: ModelId
+    objective: Objective
+    stages: tuple[Stage, ...] = Field(min_length=1)
+    prediction: Prediction
+    solver: SolverReport
+
+    @model_validator(mode="after")
+    def _contiguous(self) -> "Placement":
+        at = 0
+        for stage in self.stages:
+            if stage.start_layer != at or stage.end_layer <= stage.start_layer:
+                raise ValueError("stages must cover the layers contiguously, in order")
+            at = stage.end_layer
+        return self
+
+    def objective_s(self) -> float:
+        p = self.prediction
+        return p.time_per_token_s if self.objective == "latency" else p.bottleneck_s
+
+
+class DeviceShortfall(Frozen):
+    """Why one device takes no part, or holds less than the model needs of it."""
+
+    device_id: DeviceId
+    free_bytes: int
+    # Layers it could hold as a middle stage at the requested context.
+    max_layers: int
+    # Bytes missing for its memory-proportional share of the model (0 when it has them).
+    shortfall_bytes: int
+    reason: str
+
+
+ChangeKind = Literal["add_device", "reduce_context", "free_memory", "include_devices"]
+
+
+class ClusterChange(Frozen):
+    kind: ChangeKind
+    description: str
+    bytes: int | None = None
+    context_length: int | None = None
+
+
+class PlacementError(Frozen):
+    reason: str
+    devices: tuple[DeviceShortfall, ...] = ()
+    # Model + KV + overheads minus what the eligible devices can hold (0: memory is not the issue).
+    shortfall_bytes: int = 0
+    # Smallest first: the least the user must change for the request to fit.
+    changes: tuple[ClusterChange, ...] = ()
+
+
+class PlacementPreview(Frozen):
+    """What the preview endpoint returns: the best placement per objective and the baseline."""
+
+    latency: Placement | PlacementError
+    throughput: Placement | PlacementError
+    baseline: Placement | None
