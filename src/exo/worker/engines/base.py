@@ -129,7 +129,9 @@ def load_engine(
 
             return MlxEngine.load(model_dir, shard, on_progress)
         case "torch":
-            raise NotImplementedError("the torch engine is not available yet")
+            from exo.worker.engines.torch.engine import TorchEngine
+
+            return TorchEngine.load(model_dir, shard, on_progress)
 
 
 def warm_up(engine: Engine[ArrayT, RequestT]) -> None:

@@ -1,0 +1,16 @@
+"""Which engine a node runs by default: MLX on Apple silicon, torch everywhere else."""
+
+from exo.shared.types.instances import EngineName
+
+
+def default_engine(platform: str, has_cuda: bool, machine: str = "arm64") -> EngineName:
+    """platform as `sys.platform` spells it, machine as `platform.machine()`.
+
+    Apple silicon (macOS on arm64) gets MLX's Metal kernels; NVIDIA GPUs, Linux CPUs and
+    Intel Macs get torch, whose int4 CPU kernels are ~10x faster than MLX's CPU path here.
+    """
+    if has_cuda:
+        return "torch"
+    if platform == "darwin" and machine == "arm64":
+        return "mlx"
+    return "torch"

@@ -1,0 +1,281 @@
+"""Weight-only quantized linear layers for the torch engine.
+
+Checkpoints hold weights either dense or in MLX's affine layout: per group of `group_size`
+inputs, w = scale * q + bias with unsigned q packed little-end first into uint32 words.
+Every format below is built from that one intermediate (`AffineWeight`):
+
+- `Int4Linear`: torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), bf16 activations.
+  The kernel dequantizes as (q - 8) * scale + zero, so zero = bias + 8 * scale.
+  8-bit weights run on the same kernel as two 4-bit planes, q = 16 * hi + lo, laid side by
+  side along the input axis (the input is repeated): no requantization, and the fast
+  kernel (torch's int8 kernel is slower than float32 on this CPU, FINDINGS).
+- `DenseLinear`: dequantized (or cast) weights for float32 (exact reference), bfloat16 and
+  float16 (CUDA).
+"""
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+WeightFormat = Literal["int4", "bfloat16", "float16", "float32"]
+DENSE_DTYPES: dict[WeightFormat, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+# Group sizes torch's int4 CPU kernel accepts.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+# The int4 kernel packs output rows in blocks of 16.
+_INT4_ROW_MULTIPLE = 16
+# Rows unpacked or packed at a time while loading (a multiple of the above).
+_ROWS_PER_BLOCK = 1024
+# The int4 kernel's zero point: it dequantizes (q - 8) * scale + zero.
+_INT4_MIDPOINT = 8
+
+
+class Linear(Protocol):
+    """y = x W^T + b for x [..., in_features]."""
+
+    @property
+    def in_features(self) -> int: ...
+
+    @property
+    def out_features(self) -> int: ...
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class AffineWeight:
+    """Unpacked affine-quantized weight: w[n, k] = scales[n, k // g] * q[n, k] + biases[n, k // g]."""
+
+    q: Tensor  # uint8 [out, in]
+    scales: Tensor  # float32 [out, in / group_size]
+    biases: Tensor  # float32 [out, in / group_size]
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q.shape[0], self.q.shape[1])
+
+    def dequantize(self) -> Tensor:
+        """float32 [out, in]; scales and biases stay float32 so nothing rounds (FINDINGS)."""
+        out, n_in = self.shape
+        groups = self.q.view(out, n_in // self.group_size, self.group_size).float()
+        return (groups * self.scales[..., None] + self.biases[..., None]).view(out, n_in)
+
+    @staticmethod
+    def concat(parts: "list[AffineWeight]") -> "AffineWeight":
+        """Stack along the output axis (fusing q/k/v or gate/up into one matmul)."""
+        first = parts[0]
+        if any(p.bits != first.bits or p.group_size != first.group_size for p in parts):
+            raise ValueError("cannot fuse weights quantized differently")
+        return AffineWeight(
+            q=torch.cat([p.q for p in parts]),
+            scales=torch.cat([p.scales for p in parts]),
+            biases=torch.cat([p.biases for p in parts]),
+            bits=first.bits,
+            group_size=first.group_size,
+        )
+
+
+def unpack_mlx(packed: Tensor, scales: Tensor, biases: Tensor, group_size: int) -> AffineWeight:
+    """MLX affine layout (uint32 words, value j of a word in bits [j*b, (j+1)*b)) -> AffineWeight."""
+    out = packed.shape[0]
+    n_in = scales.shape[1] * group_size
+    bits = packed.shape[1] * 32 // n_in
+    if bits not in (2, 4, 8):
+        raise NotImplementedError(f"{bits}-bit affine weights are not supported")
+    per_word = 32 // bits
+    words = packed.view(torch.int32)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    q = torch.empty((out, packed.shape[1] * per_word), dtype=torch.uint8)
+    # Row blocks keep the int32 scratch small (a vocabulary-sized table is 28M values).
+    for row in range(0, out, _ROWS_PER_BLOCK):
+        block = words[row : row + _ROWS_PER_BLOCK, :, None]
+        q[row : row + _ROWS_PER_BLOCK] = ((block >> shifts) & ((1 << bits) - 1)).flatten(1)
+    return AffineWeight(
+        q=q,
+        scales=scales.float(),
+        biases=biases.float(),
+        bits=bits,
+        group_size=group_size,
+    )
+
+
+def quantize_affine(weight: Tensor, bits: int, group_size: int) -> AffineWeight:
+    """Min-max affine quantization of a dense [out, in] weight (for dense checkpoints)."""
+    out, n_in = weight.shape
+    groups = weight.float().view(out, n_in // group_size, group_size)
+    low, high = groups.amin(-1), groups.amax(-1)
+    levels = (1 << bits) - 1
+    scales = ((high - low) / levels).clamp_min(1e-8)
+    q = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, levels)
+    return AffineWeight(q.view(out, n_in).to(torch.uint8), scales, low, bits, group_size)
+
+
+class DenseLinear:
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.weight = weight
+        self.bias = bias
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+class Int4Linear:
+    """Groupwise 4-bit (or 8-bit as two 4-bit planes) weights on torch's int4 CPU kernel.
+
+    Takes and returns bfloat16 (the only activation dtype the kernel is fast for: float32
+    runs ~70x slower here); callers promote the result into their float32 residual.
+    """
+
+    def __init__(
+        self,
+        packed: Tensor,
+        scales_and_zeros: Tensor,
+        group_size: int,
+        planes: int,
+        in_features: int,
+        bias: Tensor | None,
+    ) -> None:
+        self.packed = packed
+        self.scales_and_zeros = scales_and_zeros
+        self.group_size = group_size
+        self.planes = planes
+        self._in_features = in_features
+        self.bias = bias
+
+    @classmethod
+    def from_affine(cls, weight: AffineWeight, bias: Tensor | None) -> "Int4Linear":
+        if weight.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group size {weight.group_size} is not one the int4 kernel takes")
+        if weight.bits == 4:
+            q, scales, zeros, planes = weight.q, weight.scales, weight.biases, 1
+        elif weight.bits == 8:
+            # w = s*q + b = (16 s * hi + b) + s * lo: two 4-bit planes. The bias goes with
+            # the high plane, where the kernel's zero (b + 128 s) is ~0 for symmetric
+            # weights, so rounding it to bf16 costs nothing.
+            hi, lo = weight.q >> 4, weight.q & 15
+            q = torch.cat([hi, lo], dim=1)
+            scales = torch.cat([16 * weight.scales, weight.scales], dim=1)
+            zeros = torch.cat([weight.biases, torch.zeros_like(weight.biases)], dim=1)
+            planes = 2
+        else:
+            raise ValueError(f"{weight.bits}-bit weights do not fit the int4 kernel")
+        # Packed by row blocks (the layout is per block of 16 rows): small int32 scratch.
+        packed = torch.cat(
+            [
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    q[row : row + _ROWS_PER_BLOCK].to(torch.int32), 1
+                )
+                for row in range(0, q.shape[0], _ROWS_PER_BLOCK)
+            ]
+        )
+        kernel_zeros = zeros + _INT4_MIDPOINT * scales
+        # [in / group, out, 2]: the kernel's layout.
+        scales_and_zeros = torch.stack([scales, kernel_zeros], dim=-1).transpose(0, 1)
+        return cls(
+            packed,
+            scales_and_zeros.contiguous().to(torch.bfloat16),
+            weight.group_size,
+            planes,
+            weight.shape[1],
+            None if bias is None else bias.to(torch.bfloat16),
+        )
+
+    @property
+    def in_features(self) -> int:
+        return self._in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if self.planes == 2:
+            x2 = torch.cat((x2, x2), dim=-1)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.packed, self.group_size, self.scales_and_zeros
+        )
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, y.shape[-1])
+
+
+def int4_kernel_available() -> bool:
+    """Whether this torch build has the CPU int4 kernels (torch >= 2.6 on x86/arm CPUs)."""
+    try:
+        q = torch.zeros((_INT4_ROW_MULTIPLE, 32), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.zeros((1, _INT4_ROW_MULTIPLE, 2), dtype=torch.bfloat16)
+        x = torch.zeros((1, 32), dtype=torch.bfloat16)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return True
+
+
+def make_linear(
+    weight: AffineWeight | Tensor,
+    bias: Tensor | None,
+    fmt: WeightFormat,
+    device: torch.device,
+) -> Linear:
+    """The layer for one (possibly fused) weight in the chosen format."""
+    if fmt == "int4":
+        if device.type != "cpu":
+            raise ValueError("the int4 format runs on CPU only")
+        affine = weight if isinstance(weight, AffineWeight) else quantize_affine(weight, 4, 32)
+        fits = affine.shape[0] % _INT4_ROW_MULTIPLE == 0 and affine.group_size in INT4_GROUP_SIZES
+        if affine.bits in (4, 8) and fits:
+            return Int4Linear.from_affine(affine, bias)
+        # Other bit widths: dense bf16 keeps the activations' dtype uniform.
+        fmt = "bfloat16"
+    dtype = DENSE_DTYPES[fmt]
+    dense = weight.dequantize() if isinstance(weight, AffineWeight) else weight
+    return DenseLinear(
+        dense.to(device=device, dtype=dtype),
+        None if bias is None else bias.to(device=device, dtype=dtype),
+    )
+
+
+class QuantizedEmbedding:
+    """Rows of an affine-quantized table, dequantized (in float32, exactly) only when gathered."""
+
+    def __init__(self, weight: AffineWeight, dtype: torch.dtype) -> None:
+        self.q = weight.q
+        # float16 holds checkpoint scales exactly and halves their memory.
+        self.scales = weight.scales.to(torch.float16)
+        self.biases = weight.biases.to(torch.float16)
+        self.group_size = weight.group_size
+        self.dtype = dtype
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        q = self.q[ids]
+        groups = q.view(*q.shape[:-1], -1, self.group_size).float()
+        rows = groups * self.scales[ids].float()[..., None] + self.biases[ids].float()[..., None]
+        return rows.view(q.shape).to(self.dtype)
+
+
+class DenseEmbedding:
+    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
+        self.weight = weight
+        self.dtype = dtype
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight).to(self.dtype)
