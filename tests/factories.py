@@ -4,10 +4,13 @@ from hypothesis import strategies as st
 
 from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
 from exo.shared.types.events import (
+    DeviceInventoryReported,
+    DeviceMetricsReported,
     Event,
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
+    LinkProfileMeasured,
     ModelStoreProgress,
     NodeStarted,
     RunnerStatusChanged,
@@ -30,6 +33,13 @@ from exo.shared.types.runners import (
     RunnerWarmingUp,
 )
 from exo.shared.types.tasks import Task
+from exo.shared.types.telemetry import (
+    DeviceMetrics,
+    DeviceSpec,
+    DeviceStatus,
+    LinkProfile,
+    PerfFigure,
+)
 
 NODES = [NodeId("node-a"), NodeId("node-b")]
 INSTANCES = [InstanceId("inst-1"), InstanceId("inst-2")]
@@ -99,12 +109,76 @@ def statuses(draw: st.DrawFn) -> RunnerStatus:
     return options[choice]
 
 
+def device(
+    device_id: str, name: str = "NVIDIA H100 80GB HBM3", pool: str | None = None
+) -> DeviceSpec:
+    kind = "cpu" if device_id == "cpu" else "metal" if device_id.startswith("metal") else "cuda"
+    return DeviceSpec(
+        device_id=device_id,
+        kind=kind,
+        name=name,
+        index=0,
+        memory_total_bytes=80 << 30,
+        memory_pool=pool or device_id,
+        memory_bandwidth=PerfFigure(value=3.35e12, source="spec_table", detail="test"),
+        compute=PerfFigure(value=9.9e14, source="spec_table", detail="test"),
+    )
+
+
+DEVICE_IDS = ["cpu", "cuda:0", "cuda:1"]
+
+
+@st.composite
+def device_metrics(draw: st.DrawFn) -> DeviceMetrics:
+    status: DeviceStatus = draw(st.sampled_from(["ok", "ok", "error", "lost"]))
+    return DeviceMetrics(
+        status=status,
+        memory_used_bytes=draw(st.integers(0, 80 << 30)),
+        memory_free_bytes=draw(st.integers(0, 80 << 30)),
+        utilization_pct=draw(st.none() | st.floats(0.0, 100.0)),
+    )
+
+
+@st.composite
+def telemetry_events(draw: st.DrawFn) -> Event:
+    node = draw(nodes)
+    choice = draw(st.integers(0, 2))
+    if choice == 0:
+        ids = draw(st.lists(st.sampled_from(DEVICE_IDS), unique=True, max_size=3))
+        return DeviceInventoryReported(
+            node_id=node,
+            devices=tuple(device(i) for i in ids),
+            reported_at_ms=draw(st.integers(0, 10**6)),
+        )
+    if choice == 1:
+        ids = draw(st.lists(st.sampled_from(DEVICE_IDS), unique=True, max_size=3))
+        return DeviceMetricsReported(
+            node_id=node,
+            metrics={i: draw(device_metrics()) for i in ids},
+            reported_at_ms=draw(st.integers(0, 10**6)),
+        )
+    return LinkProfileMeasured(
+        source=node,
+        target=draw(nodes),
+        profile=LinkProfile(
+            rtt_ms=draw(st.floats(0.0, 100.0)),
+            rtt_min_ms=0.0,
+            bandwidth_bytes_per_s=draw(st.floats(0.0, 1e10)),
+            ping_samples=10,
+            bulk_bytes=4 << 20,
+            measured_at_ms=0,
+        ),
+    )
+
+
 @st.composite
 def events(draw: st.DrawFn) -> Event:
     node = draw(nodes)
     inst = draw(instance_ids)
     task_id = draw(task_ids)
-    choice = draw(st.integers(0, 10))
+    choice = draw(st.integers(0, 11))
+    if choice == 11:
+        return draw(telemetry_events())
     options: list[Event] = [
         NodeStarted(
             node_id=node,

@@ -236,3 +236,15 @@ def test_sigterm_stops_runners_and_exits_cleanly(
         if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
     ]
     assert "event log closed" in node.output()
+
+
+def test_placement_preview_covers_every_layer(daemon: Daemon) -> None:
+    body = daemon.get(f"/placement/preview?model={BUILTIN}")
+    for objective in ("latency", "throughput"):
+        stages = body[objective]["stages"]
+        assert stages[0]["start_layer"] == 0
+        assert stages[-1]["end_layer"] == 30
+        assert body[objective]["prediction"]["tokens_per_s"] > 0
+    assert body["baseline"] is not None
+    missing = httpx.get(f"{daemon.url}/placement/preview?model=nope", timeout=30)
+    assert missing.status_code == 404

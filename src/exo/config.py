@@ -44,6 +44,9 @@ class NodeConfig(Frozen):
     # Added to a request's own budget: a silent runner fails the request, never hangs it.
     generation_stall_timeout_s: float = Field(default=120.0, gt=0)
     engine: str | None = None
+    # Device telemetry: seconds between samples; --profile measures every device.
+    telemetry_interval_s: float = Field(default=5.0, gt=0)
+    profile_devices: bool = False
 
     @property
     def log_path(self) -> Path:

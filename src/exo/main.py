@@ -56,6 +56,17 @@ def _parser() -> argparse.ArgumentParser:
         default=float(os.environ.get("EXO_RUNNER_LOAD_TIMEOUT", "300")),
         help="seconds a runner may take to load its shard (default %(default)s)",
     )
+    p.add_argument(
+        "--telemetry-interval",
+        type=float,
+        default=float(os.environ.get("EXO_TELEMETRY_INTERVAL", "5")),
+        help="seconds between device samples; events only on change (default %(default)s)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="measure every device's bandwidth and compute at start, not only unknown ones",
+    )
     return p
 
 
@@ -70,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         from exo.place_cli import place_main
 
         sys.exit(place_main(argv[1:]))
+    if argv and argv[0] == "devices":  # this machine's inventory: `exo devices [--json]`
+        from exo.worker.telemetry.cli import devices_main
+
+        sys.exit(devices_main(argv[1:]))
     args = _parser().parse_args(argv)
     dashboard: Path | None = args.dashboard_dir or _default_dashboard_dir()
     config = NodeConfig(
@@ -83,15 +98,22 @@ def main(argv: list[str] | None = None) -> None:
         fsync=not args.no_fsync,
         runner_load_timeout_s=args.runner_load_timeout,
         engine=args.engine,
+        telemetry_interval_s=args.telemetry_interval,
+        profile_devices=args.profile,
     )
     setup_logging(config.log_dir, config.verbose)
     logger.info(f"data in {config.data_dir}, cache in {config.cache_dir}")
+    from exo.identity import IdentityError
     from exo.node import Node  # after logging is set up: importing the node is not free
+    from exo.shared.eventlog import EventLogBusy
 
     try:
         anyio.run(Node(config).run)
     except KeyboardInterrupt:
         pass
+    except (IdentityError, EventLogBusy) as exc:  # an operator's mistake: one clear line
+        logger.error(str(exc))
+        sys.exit(2)
     except Exception as exc:
         logger.exception(f"exo stopped on an error: {exc}")
         sys.exit(1)

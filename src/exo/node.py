@@ -4,12 +4,15 @@ On a single machine this node is also the master; the cluster adds peers behind 
 router topics, so nothing here changes shape when it does.
 """
 
+import platform
 import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 from anyio.abc import TaskStatus
@@ -36,6 +39,8 @@ from exo.shared.types.instances import EngineName
 from exo.shared.types.models import ModelCard
 from exo.shared.types.state import State
 from exo.shared.types.stream import StreamMessage
+from exo.worker.engines.choice import default_engine
+from exo.worker.telemetry.loop import node_telemetry
 from exo.worker.worker import Worker
 
 
@@ -119,6 +124,8 @@ class Node:
                 tg.start_soon(self._emitter.run)
                 await self._announce()
                 tg.start_soon(self._worker().run)
+                # Telemetry (issue 5): device inventory + change-detected metrics events.
+                tg.start_soon(node_telemetry(self._node_id, self._emitter, self._config).run)
                 await self._preload()
                 # Hypercorn must end through its shutdown trigger, not by cancellation.
                 await self._serve_api(shutdown)
@@ -208,6 +215,7 @@ class Node:
 
 
 def _default_engine(flag: str | None) -> EngineName:
-    if flag == "torch":
-        return "torch"
-    return "mlx"
+    if flag == "torch" or flag == "mlx":
+        return flag
+    # An NVIDIA driver exposes /dev/nvidiactl; no need to import torch to find out.
+    return default_engine(sys.platform, Path("/dev/nvidiactl").exists(), platform.machine())

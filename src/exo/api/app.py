@@ -33,6 +33,7 @@ from exo.api.generation import (
 )
 from exo.api.inbox import Inbox, InboxClosed
 from exo.api.openai_types import ChatCompletionRequest, PlaceInstanceRequest
+from exo.api.placement import preview_for_state
 from exo.api.responses import EventStreamResponse, SSEChannel, WatchedResponse
 from exo.api.settings import ApiSettings
 from exo.api.translate import (
@@ -207,6 +208,17 @@ def create_app(
             state=state,
         )
         return Response(body.model_dump_json(), media_type="application/json")
+
+    @app.get("/placement/preview", tags=["cluster"], response_model=None)
+    async def placement_preview(  # pyright: ignore[reportUnusedFunction]
+        model: str = Query(min_length=1),
+        context: int | None = Query(default=None, ge=1),
+    ) -> Response:
+        card = backend.model_card(ModelId(model))
+        if card is None:
+            raise model_not_found(model)
+        result = await anyio.to_thread.run_sync(preview_for_state, card, backend.state(), context)
+        return Response(result.model_dump_json(), media_type="application/json")
 
     @app.get("/events", tags=["cluster"], response_model=None)
     async def events(  # pyright: ignore[reportUnusedFunction]

@@ -4,10 +4,13 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from exo.shared.types.events import (
+    DeviceInventoryReported,
+    DeviceMetricsReported,
     Event,
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
+    LinkProfileMeasured,
     ModelStoreProgress,
     NodeStarted,
     RunnerStatusChanged,
@@ -22,6 +25,7 @@ from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
 from exo.shared.types.runners import RunnerFailed, RunnerSpawning, RunnerStatus
 from exo.shared.types.state import NodeInfo, State, TaskCounters
 from exo.shared.types.tasks import Task
+from exo.shared.types.telemetry import NodeDevices
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -93,6 +97,38 @@ def _apply_event(state: State, event: Event) -> State:
         case ModelStoreProgress():
             key = f"{event.node_id}/{event.model_id}"
             return state.model_copy(update={"model_progress": {**state.model_progress, key: event}})
+        case DeviceInventoryReported():
+            return _device_inventory(state, event)
+        case DeviceMetricsReported():
+            return _device_metrics(state, event)
+        case LinkProfileMeasured(source=source, target=target, profile=profile):
+            links = {**state.links, source: {**state.links.get(source, {}), target: profile}}
+            return state.model_copy(update={"links": links})
+
+
+def _device_inventory(state: State, event: DeviceInventoryReported) -> State:
+    old = state.node_devices.get(event.node_id, NodeDevices())
+    present = {d.device_id for d in event.devices}
+    # Figures of devices that are gone go with them; those still present are kept.
+    node = NodeDevices(
+        devices=event.devices,
+        metrics={k: m for k, m in old.metrics.items() if k in present},
+        inventory_at_ms=event.reported_at_ms,
+        metrics_at_ms=old.metrics_at_ms,
+    )
+    return state.model_copy(update={"node_devices": {**state.node_devices, event.node_id: node}})
+
+
+def _device_metrics(state: State, event: DeviceMetricsReported) -> State:
+    old = state.node_devices.get(event.node_id)
+    if old is None:
+        return state  # figures without an inventory describe nothing placement can use
+    present = {d.device_id for d in old.devices}
+    metrics = {**old.metrics, **{k: m for k, m in event.metrics.items() if k in present}}
+    node = old.model_copy(
+        update={"metrics": metrics, "metrics_at_ms": max(old.metrics_at_ms, event.reported_at_ms)}
+    )
+    return state.model_copy(update={"node_devices": {**state.node_devices, event.node_id: node}})
 
 
 def _node_started(state: State, event: NodeStarted) -> State:

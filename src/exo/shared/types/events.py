@@ -10,6 +10,7 @@ from exo.shared.types.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import Instance
 from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.tasks import Task
+from exo.shared.types.telemetry import DeviceMetrics, DeviceSpec, LinkProfile
 
 # "<node id>/<session>": each daemon process numbers its local events afresh.
 EventOrigin = str
@@ -91,6 +92,33 @@ class ModelStoreProgress(Frozen):
     complete: bool
 
 
+class DeviceInventoryReported(Frozen):
+    """A node's full device list: sent when its telemetry starts and when devices change."""
+
+    kind: Literal["device_inventory_reported"] = "device_inventory_reported"
+    node_id: NodeId
+    devices: tuple[DeviceSpec, ...]
+    reported_at_ms: int = Field(ge=0)
+
+
+class DeviceMetricsReported(Frozen):
+    """Live figures of a node's devices (keyed by device id): change-detected, rate-limited."""
+
+    kind: Literal["device_metrics_reported"] = "device_metrics_reported"
+    node_id: NodeId
+    metrics: dict[str, DeviceMetrics]
+    reported_at_ms: int = Field(ge=0)
+
+
+class LinkProfileMeasured(Frozen):
+    """A measured link from `source` to `target` (RTT and bulk bandwidth)."""
+
+    kind: Literal["link_profile_measured"] = "link_profile_measured"
+    source: NodeId
+    target: NodeId
+    profile: LinkProfile
+
+
 Event = Annotated[
     NodeStarted
     | InstanceCreated
@@ -102,7 +130,10 @@ Event = Annotated[
     | TaskFinished
     | TaskFailed
     | TaskCancelled
-    | ModelStoreProgress,
+    | ModelStoreProgress
+    | DeviceInventoryReported
+    | DeviceMetricsReported
+    | LinkProfileMeasured,
     Field(discriminator="kind"),
 ]
 

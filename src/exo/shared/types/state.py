@@ -11,6 +11,7 @@ from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import Instance
 from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.tasks import Task
+from exo.shared.types.telemetry import LinkProfile, NodeDevices
 
 
 class NodeInfo(Frozen):
@@ -43,6 +44,12 @@ class State(Frozen):
     # Highest origin_seq indexed per origin: the master's de-duplication survives failover.
     origin_seqs: dict[EventOrigin, int] = Field(default_factory=dict[EventOrigin, int])
     counters: TaskCounters = TaskCounters()
+    # Telemetry: each node's devices and their latest figures, and measured links
+    # (links[source][target]).
+    node_devices: dict[NodeId, NodeDevices] = Field(default_factory=dict[NodeId, NodeDevices])
+    links: dict[NodeId, dict[NodeId, LinkProfile]] = Field(
+        default_factory=dict[NodeId, dict[NodeId, LinkProfile]]
+    )
 
     def state_hash(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()

@@ -1,0 +1,205 @@
+// The pure fold of exo's event log, a line-for-line port of src/exo/shared/apply.py.
+// No I/O, no clock: the same events give the same state as on every node.
+
+import type {
+  Event,
+  IndexedEvent,
+  Instance,
+  InstanceId,
+  NodeId,
+  RunnerId,
+  RunnerStatus,
+  State,
+  Task,
+  TaskId,
+} from './types';
+import { isKnownEvent } from './types';
+import type { NodeDevices } from './telemetry';
+
+export class ApplyError extends Error {}
+
+/** Thrown for an event kind this dashboard cannot fold: the caller resyncs from /state. */
+export class UnknownEventError extends Error {
+  constructor(readonly kind: string) {
+    super(`unknown event kind ${kind}`);
+  }
+}
+
+export function apply(state: State, indexed: IndexedEvent): State {
+  if (indexed.index !== state.last_index + 1) {
+    throw new ApplyError(`event index ${indexed.index} does not follow ${state.last_index}`);
+  }
+  if (indexed.term < state.term) {
+    throw new ApplyError(`event term ${indexed.term} is older than ${state.term}`);
+  }
+  if (!isKnownEvent(indexed.event)) throw new UnknownEventError(indexed.event.kind);
+  const next = applyEvent(state, indexed.event);
+  const previous = next.origin_seqs[indexed.origin] ?? -1;
+  return {
+    ...next,
+    last_index: indexed.index,
+    term: indexed.term,
+    origin_seqs: { ...next.origin_seqs, [indexed.origin]: Math.max(previous, indexed.origin_seq) },
+  };
+}
+
+export function fold(state: State, events: Iterable<IndexedEvent>): State {
+  for (const e of events) state = apply(state, e);
+  return state;
+}
+
+function applyEvent(state: State, event: Event): State {
+  switch (event.kind) {
+    case 'node_started':
+      return nodeStarted(state, event);
+    case 'instance_created': {
+      const runners = { ...state.runners };
+      for (const shard of event.instance.shards) runners[shard.runner_id] = { kind: 'spawning' };
+      return {
+        ...state,
+        instances: { ...state.instances, [event.instance.instance_id]: event.instance },
+        runners,
+      };
+    }
+    case 'instance_deleted':
+      return deleteInstance(state, event.instance_id);
+    case 'runner_status_changed':
+      return runnerStatus(state, event.runner_id, event.status);
+    case 'task_created':
+      if (!(event.task.instance_id in state.instances)) return countFailed(state, 1);
+      return { ...state, tasks: { ...state.tasks, [event.task.task_id]: event.task } };
+    case 'task_started':
+    case 'task_first_token': {
+      const task = state.tasks[event.task_id];
+      if (task === undefined || task.status === 'running') return state;
+      return { ...state, tasks: { ...state.tasks, [event.task_id]: { ...task, status: 'running' } } };
+    }
+    case 'task_finished': {
+      if (!(event.task_id in state.tasks)) return state;
+      return {
+        ...state,
+        tasks: without(state.tasks, new Set([event.task_id])),
+        counters: {
+          ...state.counters,
+          finished: state.counters.finished + 1,
+          completion_tokens: state.counters.completion_tokens + event.completion_tokens,
+        },
+      };
+    }
+    case 'task_failed':
+    case 'task_cancelled':
+      if (!(event.task_id in state.tasks)) return state;
+      return dropFailedTasks(state, new Set([event.task_id]));
+    case 'model_store_progress':
+      return {
+        ...state,
+        model_progress: { ...state.model_progress, [`${event.node_id}/${event.model_id}`]: event },
+      };
+    case 'device_inventory_reported': {
+      const nodes = state.node_devices ?? {};
+      const old = nodes[event.node_id];
+      const present = new Set(event.devices.map((d) => d.device_id));
+      // Figures of devices that are gone go with them; those still present are kept.
+      const metrics: NodeDevices['metrics'] = {};
+      for (const [k, m] of Object.entries(old?.metrics ?? {})) if (present.has(k)) metrics[k] = m;
+      const node: NodeDevices = {
+        devices: event.devices,
+        metrics,
+        inventory_at_ms: event.reported_at_ms,
+        metrics_at_ms: old?.metrics_at_ms ?? 0,
+      };
+      return { ...state, node_devices: { ...nodes, [event.node_id]: node } };
+    }
+    case 'device_metrics_reported': {
+      const nodes = state.node_devices ?? {};
+      const old = nodes[event.node_id];
+      if (old === undefined) return state; // figures without an inventory describe nothing
+      const present = new Set(old.devices.map((d) => d.device_id));
+      const metrics = { ...old.metrics };
+      for (const [k, m] of Object.entries(event.metrics)) if (present.has(k)) metrics[k] = m;
+      const node: NodeDevices = {
+        ...old,
+        metrics,
+        metrics_at_ms: Math.max(old.metrics_at_ms, event.reported_at_ms),
+      };
+      return { ...state, node_devices: { ...nodes, [event.node_id]: node } };
+    }
+    case 'link_profile_measured': {
+      const links = state.links ?? {};
+      return {
+        ...state,
+        links: { ...links, [event.source]: { ...(links[event.source] ?? {}), [event.target]: event.profile } },
+      };
+    }
+  }
+}
+
+function nodeStarted(state: State, event: Extract<Event, { kind: 'node_started' }>): State {
+  const info = {
+    node_id: event.node_id,
+    session: event.session,
+    hostname: event.hostname,
+    api_port: event.api_port,
+    started_at_ms: event.started_at_ms,
+    status: 'up' as const,
+  };
+  state = { ...state, nodes: { ...state.nodes, [event.node_id]: info } };
+  // The old process's connections and runners are gone: its tasks cannot finish.
+  const lost = new Set<TaskId>();
+  for (const [id, task] of Object.entries(state.tasks)) {
+    if (task.owner === event.node_id || taskRunsOn(state, task, event.node_id)) lost.add(id);
+  }
+  return dropFailedTasks(state, lost);
+}
+
+function taskRunsOn(state: State, task: Task, nodeId: NodeId): boolean {
+  const instance = state.instances[task.instance_id];
+  return instance !== undefined && instance.shards.some((s) => s.node_id === nodeId);
+}
+
+function runnerStatus(state: State, runnerId: RunnerId, status: RunnerStatus): State {
+  if (!(runnerId in state.runners)) return state; // a late report after its instance left
+  state = { ...state, runners: { ...state.runners, [runnerId]: status } };
+  if (status.kind !== 'failed') return state;
+  const instance = Object.values(state.instances).find((i) =>
+    i.shards.some((s) => s.runner_id === runnerId),
+  );
+  if (instance === undefined || instance.failed_reason !== null) return state;
+  const failed: Instance = { ...instance, failed_reason: status.reason };
+  state = { ...state, instances: { ...state.instances, [instance.instance_id]: failed } };
+  return dropFailedTasks(state, tasksOf(state, instance.instance_id));
+}
+
+function deleteInstance(state: State, instanceId: InstanceId): State {
+  const instance = state.instances[instanceId];
+  if (instance === undefined) return state;
+  state = dropFailedTasks(state, tasksOf(state, instanceId));
+  return {
+    ...state,
+    instances: without(state.instances, new Set([instanceId])),
+    runners: without(state.runners, new Set(instance.shards.map((s) => s.runner_id))),
+  };
+}
+
+function tasksOf(state: State, instanceId: InstanceId): Set<TaskId> {
+  return new Set(
+    Object.values(state.tasks)
+      .filter((t) => t.instance_id === instanceId)
+      .map((t) => t.task_id),
+  );
+}
+
+function dropFailedTasks(state: State, taskIds: Set<TaskId>): State {
+  if (taskIds.size === 0) return state;
+  return countFailed({ ...state, tasks: without(state.tasks, taskIds) }, taskIds.size);
+}
+
+function countFailed(state: State, n: number): State {
+  return { ...state, counters: { ...state.counters, failed: state.counters.failed + n } };
+}
+
+function without<V>(record: Record<string, V>, keys: Set<string>): Record<string, V> {
+  const out: Record<string, V> = {};
+  for (const [k, v] of Object.entries(record)) if (!keys.has(k)) out[k] = v;
+  return out;
+}

@@ -1,0 +1,1 @@
+"""Device and link telemetry: inventory, metrics, change detection, link probes."""
