@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     from exo.node import Node  # after logging is set up: importing the node is not free
     from exo.shared.eventlog import EventLogBusy
 
+    # asyncio's runner would cancel the main task on SIGINT; the node handles SIGINT itself.
+    signal.signal(signal.SIGINT, lambda _signum, _frame: None)
     try:
         anyio.run(Node(config).run)
     except KeyboardInterrupt:

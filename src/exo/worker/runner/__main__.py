@@ -2,6 +2,7 @@
 
 import os
 import queue
+import signal
 import sys
 import threading
 
@@ -12,6 +13,9 @@ from exo.worker.runner.protocol import ToRunner
 
 
 def main() -> int:
+    # A terminal's Ctrl-C reaches the whole process group; the daemon stops its runners
+    # in order (Shutdown frame, then kill), so the runner itself ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Frames own fd 1: keep a private handle to it, then point fd 1 (and sys.stdout) at
     # stderr so a stray print, or a library writing to fd 1, cannot corrupt the stream.
     frames_out = os.fdopen(os.dup(1), "wb")
