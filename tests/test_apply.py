@@ -137,3 +137,18 @@ def test_finished_tasks_leave_counters() -> None:
     )
     assert state.tasks == {}
     assert state.counters.finished == 1 and state.counters.completion_tokens == 7
+
+
+def test_a_repeated_instance_id_changes_nothing() -> None:
+    first = instance(INSTANCES[0], NODES[0], stages=2)
+    state = fold(
+        State(),
+        indexed(
+            [
+                InstanceCreated(instance=first),
+                InstanceCreated(instance=instance(INSTANCES[0], NODES[1], stages=1)),
+            ]
+        ),
+    )
+    assert state.instances[INSTANCES[0]] == first
+    assert set(state.runners) == {runner_of(INSTANCES[0], 0), runner_of(INSTANCES[0], 1)}

@@ -215,7 +215,7 @@ def test_dashboard_places_chats_and_deletes(node: Daemon, browser: Browser) -> N
     expect(page.get_by_test_id("connection")).to_have_attribute(
         "data-status", "live", timeout=30_000
     )
-    expect(card.locator(".pill")).to_have_text("up")
+    expect(card.get_by_test_id("node-status")).to_have_text("up")
     index = httpx.get(f"{node.url}/state", timeout=10).json()["last_index"]
     expect(page.get_by_title("last event index folded")).to_have_text(f"#{index}", timeout=15_000)
 

@@ -53,6 +53,8 @@ function applyEvent(state: State, event: Event): State {
     case 'node_started':
       return nodeStarted(state, event);
     case 'instance_created': {
+      // An instance id is created once; a repeat changes nothing (as in the Python apply).
+      if (event.instance.instance_id in state.instances) return state;
       const runners = { ...state.runners };
       for (const shard of event.instance.shards) runners[shard.runner_id] = { kind: 'spawning' };
       return {

@@ -59,6 +59,8 @@ def _apply_event(state: State, event: Event) -> State:
         case NodeStarted():
             return _node_started(state, event)
         case InstanceCreated(instance=instance):
+            if instance.instance_id in state.instances:
+                return state  # an instance id is created once; a repeat changes nothing
             instances = {**state.instances, instance.instance_id: instance}
             runners = dict(state.runners)
             for shard in instance.shards:
