@@ -193,3 +193,138 @@ def test_bad_model_dir_reports_failed_and_exits_nonzero(
     assert seen[-1].status.kind == "failed"
     assert "missing" in getattr(seen[-1].status, "reason", "")
     assert runner.wait() != 0
+
+
+# ---- continuous batching (torch engine) --------------------------------------------------
+
+BATCH_PROMPTS = {
+    "story": "Tell me a short story about a brave little robot.",
+    "capital": "What is the capital of France? Answer in one sentence.",
+    "haiku": "Write a haiku about the sea.",
+}
+BATCH_TOKENS = 16
+
+Ended = tuple[list[TokenChunk], StreamEnd | StreamError]
+
+
+@pytest.fixture(scope="module")
+def torch_runner(
+    tmp_path_factory: pytest.TempPathFactory, model_dir: Path
+) -> Iterator[RunnerProcess]:
+    with (tmp_path_factory.mktemp("torch-runner") / "runner.stderr").open("wb") as stderr:
+        process = RunnerProcess(stderr)
+        try:
+            process.send(
+                LoadShard(
+                    model_dir=str(model_dir),
+                    engine="torch",
+                    start_layer=0,
+                    end_layer=30,
+                    n_layers=30,
+                )
+            )
+            assert process.statuses_until("ready", "failed")[-1] == "ready"
+            yield process
+            process.send(Shutdown())
+            assert process.wait() == 0
+        finally:
+            if process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait()
+
+
+def collect(
+    runner: RunnerProcess,
+    task_ids: set[str],
+    order: list[str] | None = None,
+    received: dict[str, list[TokenChunk]] | None = None,
+) -> dict[str, Ended]:
+    """Every task's chunks and end, in whatever interleaving they arrive; `order` gets
+    'started:<id>' and 'end:<id>' events in arrival order; `received` holds chunks read
+    before."""
+    chunks: dict[str, list[TokenChunk]] = {t: [] for t in task_ids} | (received or {})
+    ends: dict[str, Ended] = {}
+    while len(ends) < len(task_ids):
+        message = runner.recv()
+        assert message is not None, "runner exited mid-stream"
+        if isinstance(message, GenerationStarted) and order is not None:
+            order.append(f"started:{message.task_id}")
+        elif isinstance(message, TokenChunk):
+            chunks[message.task_id].append(message)
+        elif isinstance(message, StreamEnd | StreamError):
+            ends[message.task_id] = (chunks[message.task_id], message)
+            if order is not None:
+                order.append(f"end:{message.task_id}")
+    return ends
+
+
+def token_ids(ended: Ended) -> list[int]:
+    chunks, end = ended
+    assert isinstance(end, StreamEnd), end
+    assert len(chunks) == end.completion_tokens
+    return [c.token_id for c in chunks]
+
+
+@pytest.fixture(scope="module")
+def alone(torch_runner: RunnerProcess) -> dict[str, list[int]]:
+    """Each prompt's greedy tokens, served with nothing else running."""
+    out: dict[str, list[int]] = {}
+    for name, content in BATCH_PROMPTS.items():
+        torch_runner.send(request(name, content, BATCH_TOKENS))
+        out[name] = token_ids(collect(torch_runner, {name})[name])
+    return out
+
+
+def test_batched_requests_equal_each_alone(
+    torch_runner: RunnerProcess, alone: dict[str, list[int]]
+) -> None:
+    for name, content in BATCH_PROMPTS.items():
+        torch_runner.send(request(f"b-{name}", content, BATCH_TOKENS))
+    order: list[str] = []
+    ends = collect(torch_runner, {f"b-{n}" for n in BATCH_PROMPTS}, order)
+    for name in BATCH_PROMPTS:
+        assert token_ids(ends[f"b-{name}"]) == alone[name], name
+    # All three were admitted before the first one finished: they really ran together.
+    assert [e.split(":")[0] for e in order[:3]] == ["started"] * 3, order
+
+
+def test_a_request_joins_mid_stream(
+    torch_runner: RunnerProcess, alone: dict[str, list[int]]
+) -> None:
+    torch_runner.send(request("j-story", BATCH_PROMPTS["story"], BATCH_TOKENS))
+    early: list[TokenChunk] = []
+    while len(early) < 3:
+        message = torch_runner.recv()
+        assert message is not None and not isinstance(message, StreamEnd | StreamError)
+        if isinstance(message, TokenChunk):
+            early.append(message)
+    torch_runner.send(request("j-haiku", BATCH_PROMPTS["haiku"], BATCH_TOKENS))
+    order: list[str] = []
+    ends = collect(torch_runner, {"j-story", "j-haiku"}, order, {"j-story": early})
+    assert order.index("started:j-haiku") < order.index("end:j-story"), order
+    assert token_ids(ends["j-story"]) == alone["story"]
+    assert token_ids(ends["j-haiku"]) == alone["haiku"]
+
+
+def test_cancelling_one_batched_request_leaves_the_others_intact(
+    torch_runner: RunnerProcess, alone: dict[str, list[int]]
+) -> None:
+    torch_runner.send(request("c-story", BATCH_PROMPTS["story"], BATCH_TOKENS))
+    torch_runner.send(request("c-long", "Write a long essay about the sea.", 500))
+    torch_runner.send(request("c-capital", BATCH_PROMPTS["capital"], BATCH_TOKENS))
+    early: dict[str, list[TokenChunk]] = {"c-story": [], "c-long": [], "c-capital": []}
+    while not early["c-long"]:
+        message = torch_runner.recv()
+        assert message is not None and not isinstance(message, StreamEnd | StreamError)
+        if isinstance(message, TokenChunk):
+            early[message.task_id].append(message)
+    torch_runner.send(Cancel(task_id=TaskId("c-long")))
+    ends = collect(torch_runner, {"c-story", "c-long", "c-capital"}, received=early)
+    _, long_end = ends["c-long"]
+    assert isinstance(long_end, StreamEnd) and long_end.finish_reason == "cancelled"
+    assert 1 <= long_end.completion_tokens < 100
+    assert token_ids(ends["c-story"]) == alone["story"]
+    assert token_ids(ends["c-capital"]) == alone["capital"]
+    # The batch is empty again and the runner still serves.
+    torch_runner.send(request("c-after", BATCH_PROMPTS["haiku"], BATCH_TOKENS))
+    assert token_ids(collect(torch_runner, {"c-after"})["c-after"]) == alone["haiku"]

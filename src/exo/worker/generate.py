@@ -94,6 +94,117 @@ def _never() -> bool:
     return False
 
 
+class TokenStream:
+    """One request's text handling, shared by `generate` and the runner's batched loop:
+    detokenizing, stop strings, end-of-sequence and max_tokens, and the counters its
+    StreamEnd reports. Feed it each sampled token id with `push`; it is `finished` once it
+    has returned a StreamEnd."""
+
+    def __init__(
+        self,
+        task_id: TaskId,
+        tokenizer: ChatCodec,
+        prompt_tokens: int,
+        max_tokens: int,
+        stop: Sequence[str],
+        started: float,
+    ) -> None:
+        self.task_id = task_id
+        self.max_tokens = max_tokens
+        self._eos_ids = tokenizer.eos_ids
+        self._prompt_tokens = prompt_tokens
+        self._detokenizer = IncrementalDetokenizer(tokenizer.decode)
+        self._stops = StopStringFilter(stop)
+        self._started = started
+        self._first_token_at = started
+        self._ttft_s = 0.0
+        self._decode_s = 0.0
+        self.n = 0
+        self.finished = False
+
+    @property
+    def wants_more(self) -> bool:
+        """Whether a token after the next one may still be needed (max_tokens allows it)."""
+        return self.n + 1 < self.max_tokens
+
+    def end(self, reason: FinishReason) -> StreamEnd:
+        self.finished = True
+        n = self.n
+        return StreamEnd(
+            task_id=self.task_id,
+            finish_reason=reason,
+            prompt_tokens=self._prompt_tokens,
+            completion_tokens=n,
+            time_to_first_token_ms=self._ttft_s * 1000.0,
+            decode_tokens_per_s=(n - 1) / self._decode_s if n > 1 and self._decode_s > 0 else 0.0,
+        )
+
+    def push(self, token_id: int) -> list[TokenChunk | StreamEnd]:
+        """The TokenChunk for a sampled token, followed by a StreamEnd if it ends the stream
+        (end-of-sequence, a stop string, or max_tokens reached)."""
+        now = time.perf_counter()
+        self.n += 1
+        if self.n == 1:
+            self._first_token_at = now
+        self._ttft_s, self._decode_s = (
+            self._first_token_at - self._started,
+            now - self._first_token_at,
+        )
+        stops = self._stops
+        if token_id in self._eos_ids:
+            text = stops.push(self._detokenizer.flush())[0] + stops.flush()
+            return [self._chunk(text, token_id), self.end("stop")]
+        text, stopped = stops.push(self._detokenizer.add(token_id))
+        if stopped:
+            return [self._chunk(text, token_id), self.end("stop")]
+        if self.n >= self.max_tokens:
+            tail, stopped = stops.push(self._detokenizer.flush())
+            text += tail + ("" if stopped else stops.flush())
+            return [self._chunk(text, token_id), self.end("stop" if stopped else "length")]
+        return [self._chunk(text, token_id)]
+
+    def _chunk(self, text: str, token_id: int) -> TokenChunk:
+        return TokenChunk(task_id=self.task_id, text=text, token_id=token_id)
+
+
+def prepare_prompt(
+    engine: Engine[ArrayT, RequestT], tokenizer: ChatCodec, params: ChatParams
+) -> tuple[list[int], int]:
+    """The prompt's token ids and the most tokens the request may generate. Errors raise."""
+    if not engine.shard.is_full:
+        raise ValueError("generate needs a shard holding every layer")
+    prompt = tokenizer.encode_chat(params.messages)
+    if not prompt:
+        raise ValueError("the chat template rendered an empty prompt")
+    room = engine.context_length - len(prompt)
+    if room < 1:
+        raise ValueError(
+            f"prompt of {len(prompt)} tokens leaves no room in a context of {engine.context_length}"
+        )
+    return prompt, min(params.sampling.max_tokens, room)
+
+
+def prefill(
+    engine: Engine[ArrayT, RequestT],
+    request: RequestT,
+    prompt: Sequence[int],
+    is_cancelled: Callable[[], bool] = _never,
+) -> ArrayT | None:
+    """Fill the request's cache with the prompt; the last position's logits, or None if
+    `is_cancelled` (polled between chunks) said stop."""
+    # All but the last prompt token fill the cache only; the last one gives the logits.
+    # (That is also measurably faster on MLX's CPU kernels than one pass over the prompt.)
+    body = prompt[:-1]
+    for i in range(0, len(body), PREFILL_CHUNK_TOKENS):
+        if is_cancelled():
+            return None
+        engine.forward(engine.token_input(body[i : i + PREFILL_CHUNK_TOKENS]), request)
+        engine.schedule_cache(request)
+    if is_cancelled():
+        return None
+    return engine.forward(engine.token_input(prompt[-1:]), request)
+
+
 def generate(
     engine: Engine[ArrayT, RequestT],
     tokenizer: ChatCodec,
@@ -107,79 +218,26 @@ def generate(
     `is_cancelled` is polled between prefill chunks and between tokens. Errors raise.
     """
     started = time.perf_counter()
-    if not engine.shard.is_full:
-        raise ValueError("generate needs a shard holding every layer")
     sampling = params.sampling
-    prompt = tokenizer.encode_chat(params.messages)
-    if not prompt:
-        raise ValueError("the chat template rendered an empty prompt")
-    room = engine.context_length - len(prompt)
-    if room < 1:
-        raise ValueError(
-            f"prompt of {len(prompt)} tokens leaves no room in a context of {engine.context_length}"
-        )
-    max_tokens = min(sampling.max_tokens, room)
+    prompt, max_tokens = prepare_prompt(engine, tokenizer, params)
     request = engine.new_request(len(prompt) + max_tokens, sampling.seed)
-
-    def end(reason: FinishReason, n: int, ttft_s: float, decode_s: float) -> StreamEnd:
-        return StreamEnd(
-            task_id=task_id,
-            finish_reason=reason,
-            prompt_tokens=len(prompt),
-            completion_tokens=n,
-            time_to_first_token_ms=ttft_s * 1000.0,
-            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-        )
-
-    # All but the last prompt token fill the cache only; the last one gives the logits.
-    # (That is also measurably faster on MLX's CPU kernels than one pass over the prompt.)
-    body = prompt[:-1]
-    for i in range(0, len(body), PREFILL_CHUNK_TOKENS):
-        if is_cancelled():
-            yield end("cancelled", 0, 0.0, 0.0)
-            return
-        engine.forward(engine.token_input(body[i : i + PREFILL_CHUNK_TOKENS]), request)
-        engine.schedule_cache(request)
-    if is_cancelled():
-        yield end("cancelled", 0, 0.0, 0.0)
+    stream = TokenStream(task_id, tokenizer, len(prompt), max_tokens, sampling.stop, started)
+    logits = prefill(engine, request, prompt, is_cancelled)
+    if logits is None:
+        yield stream.end("cancelled")
         return
-    logits = engine.forward(engine.token_input(prompt[-1:]), request)
     token = engine.sample(logits, sampling, request)
     engine.schedule(token)
-
-    detokenizer = IncrementalDetokenizer(tokenizer.decode)
-    stops = StopStringFilter(sampling.stop)
-    first_token_at = started
-    n = 0
     while True:
         next_token = None
-        if n + 1 < max_tokens:
+        if stream.wants_more:
             next_token = engine.sample(engine.forward(token, request), sampling, request)
             engine.schedule(next_token)
-        token_id = engine.read_token(token)
-        now = time.perf_counter()
-        n += 1
-        if n == 1:
-            first_token_at = now
-        ttft_s, decode_s = first_token_at - started, now - first_token_at
-        if token_id in tokenizer.eos_ids:
-            text = stops.push(detokenizer.flush())[0] + stops.flush()
-            yield TokenChunk(task_id=task_id, text=text, token_id=token_id)
-            yield end("stop", n, ttft_s, decode_s)
+        yield from stream.push(engine.read_token(token))
+        if stream.finished:
             return
-        text, stopped = stops.push(detokenizer.add(token_id))
-        if stopped:
-            yield TokenChunk(task_id=task_id, text=text, token_id=token_id)
-            yield end("stop", n, ttft_s, decode_s)
-            return
-        if next_token is None:
-            tail, stopped = stops.push(detokenizer.flush())
-            text += tail + ("" if stopped else stops.flush())
-            yield TokenChunk(task_id=task_id, text=text, token_id=token_id)
-            yield end("stop" if stopped else "length", n, ttft_s, decode_s)
-            return
-        yield TokenChunk(task_id=task_id, text=text, token_id=token_id)
         if is_cancelled():
-            yield end("cancelled", n, ttft_s, decode_s)
+            yield stream.end("cancelled")
             return
+        assert next_token is not None
         token = next_token

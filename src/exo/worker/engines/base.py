@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -114,6 +114,35 @@ class Engine(Protocol[ArrayT, RequestT]):
 
     def from_numpy(self, x: npt.NDArray[Any]) -> ArrayT:
         """A hidden state received from the previous stage, in this engine's compute dtype."""
+        ...
+
+
+@runtime_checkable
+class BatchingEngine(Engine[ArrayT, RequestT], Protocol[ArrayT, RequestT]):
+    """An engine that can advance several requests by one token in a single pass (the torch
+    engine); the runner batches decode steps for these. Each request is prefilled alone with
+    `forward` first."""
+
+    def batch_input(self, token_ids: Sequence[int]) -> ArrayT:
+        """One token id per request as a decode step's input, shape [B, 1]."""
+        ...
+
+    def forward_batch(self, x: ArrayT, requests: Sequence[RequestT]) -> ArrayT:
+        """x [B, L] ids, row b for requests[b] -> [B, vocab] logits on the last stage."""
+        ...
+
+    def sample_batch(
+        self, logits: ArrayT, samplings: Sequence[SamplingParams], requests: Sequence[RequestT]
+    ) -> ArrayT:
+        """[B, vocab] logits -> [B, 1] ids."""
+        ...
+
+    def read_tokens(self, tokens: ArrayT) -> list[int]:
+        """[B, 1] ids -> B ints, waiting once."""
+        ...
+
+    def release(self, request: RequestT) -> None:
+        """Free a finished or cancelled request's cache now."""
         ...
 
 

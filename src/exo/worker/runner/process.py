@@ -1,10 +1,21 @@
 """The runner subprocess: one shard, driven by frames on stdin, answering with frames on stdout.
 
-Lifecycle: LoadShard -> Loading(progress)... -> WarmingUp -> Ready. Generate requests are
-queued and served one at a time in arrival order (FIFO); the runner reports Running while it
-serves one and Ready once the queue is empty. Cancel drops a queued request or stops the
-running one before its next token. Shutdown or the end of stdin exits cleanly (exit code 0);
-a failed load reports Failed(reason) and exits with code 1.
+Lifecycle: LoadShard -> Loading(progress)... -> WarmingUp -> Ready. Shutdown or the end of
+stdin exits cleanly (exit code 0); a failed load reports Failed(reason) and exits with code 1.
+
+Generate requests wait in a queue in arrival order. How they leave it depends on the engine:
+
+- An engine with batched decode (`BatchingEngine`: the torch engine) serves up to
+  `MAX_BATCH` requests at once (continuous batching). Between decode steps the runner
+  admits queued requests while the batch has room, prefilling each alone and emitting its
+  first token; then one batched step advances every active request by one token. Each
+  request keeps its own text handling and counters (`TokenStream`) and leaves the batch
+  (its cache released) at its own end; requests beyond `MAX_BATCH` wait in the queue.
+- Any other engine (MLX) serves the queue one request at a time (FIFO) with `generate`.
+
+The runner reports Running while it serves requests and Ready once the queue and the batch
+are empty. Cancel drops a queued request or stops a running one before its next token (or
+its next prefill chunk).
 
 A reader thread turns stdin frames into messages on a queue; the main thread drains that
 queue between tokens, so a Cancel arriving mid-generation takes effect at the next token.
@@ -12,9 +23,11 @@ queue between tokens, so a Cancel arriving mid-generation takes effect at the ne
 
 import queue
 import threading
+import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from loguru import logger
 
@@ -28,8 +41,15 @@ from exo.shared.types.runners import (
     RunnerWarmingUp,
 )
 from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
-from exo.worker.engines.base import ChatTokenizer, Engine, ShardSpec, load_engine, warm_up
-from exo.worker.generate import generate
+from exo.worker.engines.base import (
+    BatchingEngine,
+    ChatTokenizer,
+    Engine,
+    ShardSpec,
+    load_engine,
+    warm_up,
+)
+from exo.worker.generate import TokenStream, generate, prefill, prepare_prompt
 from exo.worker.runner.protocol import (
     TO_RUNNER,
     Cancel,
@@ -47,6 +67,9 @@ from exo.worker.runner.protocol import (
 FromRunnerMessage = StatusReport | GenerationStarted | TokenChunk | StreamEnd | StreamError
 # Loading progress is reported in steps of at least this much.
 _PROGRESS_STEP = 0.1
+# The most requests a batching engine decodes together; more wait in the queue. Every
+# active request holds a KV cache for its whole context, so this also bounds memory.
+MAX_BATCH = 8
 
 
 class FrameWriter:
@@ -85,16 +108,37 @@ def _cancelled_end(task_id: TaskId) -> StreamEnd:
     )
 
 
+@dataclass
+class _Active:
+    """A request in the decode batch."""
+
+    task: Generate
+    request: object
+    stream: TokenStream
+    last_token: int
+
+
+def _shut_down(task_id: TaskId) -> StreamError:
+    return StreamError(task_id=task_id, message="runner shut down")
+
+
+def _failed(task_id: TaskId, exc: Exception) -> StreamError:
+    return StreamError(task_id=task_id, message=f"{type(exc).__name__}: {exc}")
+
+
 class Runner:
     def __init__(self, inbox: "queue.Queue[ToRunner | None]", out: FrameWriter) -> None:
         self._inbox = inbox
         self._out = out
         self._pending: deque[Generate] = deque()
-        self._current: TaskId | None = None
-        self._cancel_current = False
+        # Tasks past the queue (prefilling or decoding), and those of them to cancel.
+        self._running: set[TaskId] = set()
+        self._cancelled: set[TaskId] = set()
         self._stopping = False
         self._engine: Engine[object, object] | None = None
+        self._batching: BatchingEngine[object, object] | None = None
         self._tokenizer: ChatTokenizer | None = None
+        self._active: list[_Active] = []
 
     def run(self) -> int:
         """Serve until Shutdown or end of input; the process exit code."""
@@ -108,12 +152,14 @@ class Runner:
             if self._stopping:
                 return 0
         self._report(RunnerReady())
+        if self._batching is not None:
+            return self._run_batched(self._batching)
         while True:
             while not self._pending and not self._stopping:
                 self._handle(self._inbox.get())
             if self._stopping:
                 for task in self._pending:
-                    self._out.send(StreamError(task_id=task.task_id, message="runner shut down"))
+                    self._out.send(_shut_down(task.task_id))
                 return 0
             self._serve(self._pending.popleft())
             if not self._pending:
@@ -145,6 +191,9 @@ class Runner:
             return False
         logger.info(f"loaded layers [{shard.start_layer}, {shard.end_layer}) of {model_dir}")
         self._engine, self._tokenizer = engine, tokenizer
+        if isinstance(engine, BatchingEngine):
+            self._batching = cast(BatchingEngine[object, object], engine)
+            logger.info(f"continuous batching of up to {MAX_BATCH} requests")
         return True
 
     def _handle(self, message: ToRunner | None) -> None:
@@ -154,8 +203,8 @@ class Runner:
             case Generate():
                 self._pending.append(message)
             case Cancel(task_id=task_id):
-                if task_id == self._current:
-                    self._cancel_current = True
+                if task_id in self._running:
+                    self._cancelled.add(task_id)
                     return
                 queued = [t for t in self._pending if t.task_id == task_id]
                 for task in queued:
@@ -164,34 +213,138 @@ class Runner:
             case Shutdown() | None:
                 self._stopping = True
 
-    def _poll_cancelled(self) -> bool:
-        """Between tokens: take in whatever arrived; should the running task stop?"""
+    def _drain(self) -> None:
+        """Take in whatever arrived, without waiting."""
         while True:
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
-                break
+                return
             self._handle(message)
-        return self._cancel_current or self._stopping
+
+    def _should_stop(self, task_id: TaskId) -> bool:
+        """Between tokens or prefill chunks: should this running task stop?"""
+        self._drain()
+        return task_id in self._cancelled or self._stopping
 
     def _serve(self, task: Generate) -> None:
+        """FIFO path: one request from prefill to its end."""
         assert self._engine is not None and self._tokenizer is not None
-        self._current, self._cancel_current = task.task_id, False
+        task_id = task.task_id
+        self._running.add(task_id)
         self._report(RunnerRunning())
-        self._out.send(GenerationStarted(task_id=task.task_id))
+        self._out.send(GenerationStarted(task_id=task_id))
         try:
             stream = generate(
-                self._engine, self._tokenizer, task.task_id, task.params, self._poll_cancelled
+                self._engine,
+                self._tokenizer,
+                task_id,
+                task.params,
+                lambda: self._should_stop(task_id),
             )
             for message in stream:
                 if self._stopping and isinstance(message, StreamEnd):
-                    self._out.send(StreamError(task_id=task.task_id, message="runner shut down"))
+                    self._out.send(_shut_down(task_id))
                 else:
                     self._out.send(message)
         except Exception as exc:
-            logger.exception(f"generation for {task.task_id} failed")
-            self._out.send(
-                StreamError(task_id=task.task_id, message=f"{type(exc).__name__}: {exc}")
-            )
+            logger.exception(f"generation for {task_id} failed")
+            self._out.send(_failed(task_id, exc))
         finally:
-            self._current = None
+            self._running.discard(task_id)
+            self._cancelled.discard(task_id)
+
+    # ---- continuous batching -------------------------------------------------------------
+
+    def _run_batched(self, engine: BatchingEngine[object, object]) -> int:
+        busy = False
+        while True:
+            while not self._pending and not self._active and not self._stopping:
+                self._handle(self._inbox.get())
+            self._drain()
+            if self._stopping:
+                for active in self._active:
+                    self._out.send(_shut_down(active.task.task_id))
+                    self._retire(engine, active)
+                for task in self._pending:
+                    self._out.send(_shut_down(task.task_id))
+                return 0
+            if not busy:
+                self._report(RunnerRunning())
+                busy = True
+            while self._pending and len(self._active) < MAX_BATCH and not self._stopping:
+                self._admit(engine, self._pending.popleft())
+            if self._active and not self._stopping:
+                self._step(engine)
+            self._drain()
+            for active in [a for a in self._active if a.task.task_id in self._cancelled]:
+                self._out.send(active.stream.end("cancelled"))
+                self._retire(engine, active)
+            if not self._active and not self._pending and not self._stopping:
+                self._report(RunnerReady())
+                busy = False
+
+    def _retire(self, engine: BatchingEngine[object, object], active: _Active) -> None:
+        if active in self._active:
+            self._active.remove(active)
+        self._running.discard(active.task.task_id)
+        self._cancelled.discard(active.task.task_id)
+        engine.release(active.request)
+
+    def _admit(self, engine: BatchingEngine[object, object], task: Generate) -> None:
+        """Prefill a request alone and emit its first token; it joins the batch unless that
+        token already ended it."""
+        assert self._tokenizer is not None
+        task_id, sampling = task.task_id, task.params.sampling
+        started = time.perf_counter()
+        self._running.add(task_id)
+        self._out.send(GenerationStarted(task_id=task_id))
+        request: object = None
+        try:
+            prompt, max_tokens = prepare_prompt(engine, self._tokenizer, task.params)
+            request = engine.new_request(len(prompt) + max_tokens, sampling.seed)
+            stream = TokenStream(
+                task_id, self._tokenizer, len(prompt), max_tokens, sampling.stop, started
+            )
+            active = _Active(task, request, stream, last_token=-1)
+            logits = prefill(engine, request, prompt, lambda: self._should_stop(task_id))
+            if logits is None:
+                self._out.send(_shut_down(task_id) if self._stopping else stream.end("cancelled"))
+                self._retire(engine, active)
+                return
+            active.last_token = engine.read_token(engine.sample(logits, sampling, request))
+            for message in stream.push(active.last_token):
+                self._out.send(message)
+            if stream.finished:
+                self._retire(engine, active)
+            else:
+                self._active.append(active)
+        except Exception as exc:
+            logger.exception(f"generation for {task_id} failed")
+            self._out.send(_failed(task_id, exc))
+            self._running.discard(task_id)
+            self._cancelled.discard(task_id)
+            if request is not None:
+                engine.release(request)
+
+    def _step(self, engine: BatchingEngine[object, object]) -> None:
+        """Advance every active request by one token with one batched pass."""
+        batch = list(self._active)
+        requests = [a.request for a in batch]
+        try:
+            x = engine.batch_input([a.last_token for a in batch])
+            logits = engine.forward_batch(x, requests)
+            samplings = [a.task.params.sampling for a in batch]
+            token_ids = engine.read_tokens(engine.sample_batch(logits, samplings, requests))
+        except Exception as exc:
+            logger.exception("a batched decode step failed")
+            for active in batch:
+                self._out.send(_failed(active.task.task_id, exc))
+                self._retire(engine, active)
+            return
+        for active, token_id in zip(batch, token_ids, strict=True):
+            active.last_token = token_id
+            for message in active.stream.push(token_id):
+                self._out.send(message)
+            if active.stream.finished:
+                self._retire(engine, active)

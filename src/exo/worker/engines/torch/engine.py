@@ -118,6 +118,10 @@ class TorchEngine:
     def token_input(self, token_ids: Sequence[int]) -> Tensor:
         return torch.tensor([list(token_ids)], dtype=torch.int64, device=self.device)
 
+    def batch_input(self, token_ids: Sequence[int]) -> Tensor:
+        """One token id per request as a batched decode step's input, shape [B, 1]."""
+        return torch.tensor([[t] for t in token_ids], dtype=torch.int64, device=self.device)
+
     def forward(self, x: Tensor, request: TorchRequest) -> Tensor:
         return self.forward_batch(x, [request])
 
