@@ -8,6 +8,7 @@ export interface ChatRequest {
   messages: ChatMessage[];
   max_tokens?: number;
   temperature?: number;
+  top_p?: number;
 }
 
 export interface ChatProgress {
