@@ -1,9 +1,10 @@
 """The torch engine against raw mlx_lm, transformers and the memory-bandwidth roofline.
 
 One process, same prompt, greedy, 128 new tokens; rounds alternate between the engines so
-load from other processes hits all alike (medians reported). Also: 4 concurrent streams
-batched vs one stream, and resident memory of a loaded model vs its weights on disk
-(measured in a fresh subprocess).
+load from other processes hits all alike (medians reported). Ours runs twice: with its
+compiled decode step (the default) and eagerly. Also: 1/2/4/8 concurrent streams batched
+(aggregate tokens/s vs one stream), the load time (compiling included), and resident
+memory of a loaded model vs its weights on disk (measured in a fresh subprocess).
 
     uv run python bench/bench_torch.py [MODEL_DIR] [--rounds 2] [--tokens 128]
 """
@@ -29,7 +30,7 @@ from exo.worker.engines.torch.engine import TorchEngine
 from exo.worker.generate import generate
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
-STREAMS = 4
+STREAMS = (1, 2, 4, 8)
 
 
 class Run:
@@ -54,18 +55,23 @@ def weights_bytes(model_dir: Path) -> int:
     return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
 
-def run_ours(engine: TorchEngine, tokenizer: ChatTokenizer, n: int) -> Callable[[], Run]:
+def run_ours(
+    engine: TorchEngine, tokenizer: ChatTokenizer, n: int, compiled: bool
+) -> Callable[[], Run]:
+    decoder = engine.decoder
     params = ChatParams(
         messages=(ChatMessage(role="user", content=PROMPT),),
         sampling=SamplingParams(max_tokens=n, temperature=0.0, top_p=1.0),
     )
 
     def once() -> Run:
+        engine.decoder = decoder if compiled else None
         started = time.perf_counter()
         times: list[float] = []
         for message in generate(engine, tokenizer, TaskId("bench"), params):
             if message.kind == "token":
                 times.append(time.perf_counter())
+        engine.decoder = decoder
         return Run(times[0] - started, (len(times) - 1) / (times[-1] - times[0]))
 
     return once
@@ -164,30 +170,36 @@ def main() -> None:
 
     rss = rss_of_loaded_model(model_dir)
     disk = weights_bytes(model_dir)
+    started = time.perf_counter()
     engine = TorchEngine.load(model_dir, ShardSpec(0, 30, 30), lambda _: None)
+    load_s = time.perf_counter() - started
     warm_up(engine)
     tokenizer = ChatTokenizer.from_dir(model_dir)
     prompt = tokenizer.encode_chat([ChatMessage(role="user", content=PROMPT)])
-    runners: dict[str, Callable[[], Run]] = {"torch (ours)": run_ours(engine, tokenizer, n)}
+    runners: dict[str, Callable[[], Run]] = {
+        "torch (ours)": run_ours(engine, tokenizer, n, compiled=True),
+        "torch eager (ours)": run_ours(engine, tokenizer, n, compiled=False),
+    }
     if not args.skip_references:
         runners["mlx_lm"] = run_mlx_lm(model_dir, prompt, n)
         runners["transformers fp32"] = run_transformers(prompt, n)
     results: dict[str, list[Run]] = {name: [] for name in runners}
-    streams_one: list[float] = []
-    streams_many: list[float] = []
+    streams: dict[int, list[float]] = {count: [] for count in STREAMS}
     bandwidths: list[float] = []
     for _ in range(args.rounds):
         bandwidths.append(bandwidth_gbps())
         for name, once in runners.items():
             gc.collect()
             results[name].append(once())
-        streams_one.append(run_streams(engine, prompt, n, 1))
-        streams_many.append(run_streams(engine, prompt, n, STREAMS))
+        for count in STREAMS:
+            streams[count].append(run_streams(engine, prompt, n, count))
 
     bandwidth = statistics.median(bandwidths)
     roofline = bandwidth * 1e9 / disk
     ours = statistics.median(r.decode_tps for r in results["torch (ours)"])
     print(f"threads {torch.get_num_threads()}, prompt {len(prompt)} tokens, {n} new, greedy")
+    compiled = engine.decoder is not None and not engine.decoder.failed
+    print(f"load {load_s:.1f} s (compiled decode: {'yes' if compiled else 'no'}, included)")
     print(f"copy bandwidth {bandwidth:.1f} GB/s; weights {disk / 1e6:.1f} MB on disk")
     print(f"roofline {roofline:.0f} tokens/s (bandwidth / weight bytes)")
     for name, runs in results.items():
@@ -197,10 +209,10 @@ def main() -> None:
             f"{name:>18}: decode {tps:6.1f} tokens/s  TTFT {ttft:6.0f} ms  "
             f"= {tps / roofline:.2f} x roofline, ours = {ours / tps:.1f} x this"
         )
-    one, many = statistics.median(streams_one), statistics.median(streams_many)
-    print(
-        f"1 stream {one:.1f} tokens/s; {STREAMS} streams {many:.1f} tokens/s = {many / one:.2f} x"
-    )
+    one = statistics.median(streams[1])
+    for count, rates in streams.items():
+        many = statistics.median(rates)
+        print(f"{count} streams: {many:6.1f} tokens/s aggregate = {many / one:.2f} x one stream")
     print(
         f"RSS per loaded model {rss['second'] / 1e6:.1f} MB = {rss['second'] / disk:.2f} x "
         f"weights on disk ({disk / 1e6:.1f} MB); the first load adds {rss['first'] / 1e6:.0f} MB "

@@ -23,7 +23,10 @@ class Daemon:
     def __init__(self, home: Path, shared_models: Path | None = None, *args: str) -> None:
         self.home = home
         self.port = free_port()
-        self.args = args
+        self.mesh_port = free_port()
+        # Daemons of a test find each other by --peer; mDNS only where a test asks for it.
+        discovery = () if "--discovery-interface" in args else ("--no-discovery",)
+        self.args = (*discovery, *args)
         self.log_path = home / "daemon.out"
         self.process: subprocess.Popen[bytes] | None = None
         if shared_models is not None:  # conversion is tested elsewhere; reuse one copy
@@ -31,6 +34,10 @@ class Daemon:
             models.parent.mkdir(parents=True, exist_ok=True)
             if not models.exists():
                 models.symlink_to(shared_models, target_is_directory=True)
+
+    @property
+    def mesh_address(self) -> str:
+        return f"127.0.0.1:{self.mesh_port}"
 
     @property
     def url(self) -> str:
@@ -49,6 +56,10 @@ class Daemon:
                 "127.0.0.1",
                 "--api-port",
                 str(self.port),
+                "--mesh-host",
+                "127.0.0.1",
+                "--mesh-port",
+                str(self.mesh_port),
                 *self.args,
             ],
             env=env,

@@ -11,6 +11,10 @@ from exo.shared.types.events import (
     InstanceCreated,
     InstanceDeleted,
     LinkProfileMeasured,
+    MasterElected,
+    MemberJoined,
+    MemberLeft,
+    MemberTimedOut,
     ModelStoreProgress,
     NodeStarted,
     RunnerStatusChanged,
@@ -172,13 +176,26 @@ def telemetry_events(draw: st.DrawFn) -> Event:
 
 
 @st.composite
+def cluster_events(draw: st.DrawFn, node: NodeId) -> Event:
+    options: list[Event] = [
+        MemberJoined(node_id=node),
+        MemberLeft(node_id=node),
+        MemberTimedOut(node_id=node, silent_ms=5000),
+        MasterElected(node_id=node, term=1),
+    ]
+    return draw(st.sampled_from(options))
+
+
+@st.composite
 def events(draw: st.DrawFn) -> Event:
     node = draw(nodes)
     inst = draw(instance_ids)
     task_id = draw(task_ids)
-    choice = draw(st.integers(0, 11))
+    choice = draw(st.integers(0, 12))
     if choice == 11:
         return draw(telemetry_events())
+    if choice == 12:
+        return draw(cluster_events(node))
     options: list[Event] = [
         NodeStarted(
             node_id=node,

@@ -26,6 +26,7 @@ from exo.api.app import create_app
 from exo.api.settings import ApiSettings
 from exo.models.cards import SMOLLM2_135M_INSTRUCT
 from exo.shared.apply import apply
+from exo.shared.types.cluster import ClusterStatus
 from exo.shared.types.commands import (
     CancelTask,
     Command,
@@ -153,6 +154,19 @@ class ScriptedBackend:
 
     def state(self) -> State:
         return self._state
+
+    def cluster_status(self) -> ClusterStatus:
+        return ClusterStatus(
+            node_id=self.node_id,
+            cluster="c1",
+            role="leader",
+            term=self._state.term,
+            master=self.node_id,
+            commit=self._state.last_index,
+            log_last_index=self._state.last_index,
+            voters={self.node_id: 0},
+            connected={},
+        )
 
     def model_cards(self) -> Sequence[ModelCard]:
         return self.cards

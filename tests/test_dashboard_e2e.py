@@ -167,6 +167,9 @@ def test_dashboard_places_chats_and_deletes(node: Daemon, browser: Browser) -> N
     assert [v["instance"]["instance_id"] for v in placed] == [
         instance.get_attribute("data-instance-id")
     ]
+    # The solver's placement carries its prediction (none if telemetry had not reported yet).
+    if placed[0]["instance"].get("prediction") is not None:
+        expect(instance.get_by_test_id("predicted-tps")).not_to_have_text("–")
 
     # Chat: the reply streams in token by token, then shows TTFT and tokens/s.
     page.get_by_label("max tokens").fill("24")
@@ -191,6 +194,8 @@ def test_dashboard_places_chats_and_deletes(node: Daemon, browser: Browser) -> N
     # The finished request reaches the dashboard through the event stream.
     expect(page.get_by_test_id("counter-finished")).to_have_text("1", timeout=30_000)
     expect(instance.get_by_test_id("measured-tps")).not_to_have_text("–")
+    # The state's own measured figure, folded from TaskFinished.
+    expect(instance.get_by_test_id("measured-mean-tps")).not_to_have_text("–")
     _shot(page, "dashboard-chat")
 
     phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)

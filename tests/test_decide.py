@@ -1,6 +1,12 @@
 """The master's pure command handling."""
 
+import re
+import time
+
+import pytest
+
 from exo.master.decide import DecideContext, Decision, Rejection, decide
+from exo.master.placement import PLACE_TIME_LIMIT_S
 from exo.models.cards import SMOLLM2_135M_INSTRUCT
 from exo.shared.apply import fold
 from exo.shared.types.commands import (
@@ -11,16 +17,21 @@ from exo.shared.types.commands import (
     PlaceInstance,
 )
 from exo.shared.types.events import (
+    DeviceInventoryReported,
+    DeviceMetricsReported,
     Event,
     InstanceCreated,
     InstanceDeleted,
+    LinkProfileMeasured,
     NodeStarted,
     RunnerStatusChanged,
     TaskCreated,
 )
-from exo.shared.types.ids import CommandId, InstanceId, ModelId, RunnerId
+from exo.shared.types.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId
+from exo.shared.types.instances import Instance
 from exo.shared.types.runners import RunnerFailed
 from exo.shared.types.state import State
+from exo.shared.types.telemetry import DeviceMetrics, DeviceSpec, LinkProfile, PerfFigure
 from tests.factories import (
     INSTANCES,
     MODEL,
@@ -103,3 +114,113 @@ def test_tasks_go_to_a_healthy_instance_and_cancel_is_idempotent() -> None:
     )
     out = run(with_task, CancelTask(task_id=TASKS[0], reason="gone"))
     assert isinstance(out, Decision) and len(out.events) == 1
+
+
+# --- placement through the solver ---------------------------------------------------------
+
+GIB = 1 << 30
+ENGINE_CTX = CTX.model_copy(
+    update={"new_runner_ids": [RunnerId(f"run-{i}") for i in range(8)], "default_engine": "torch"}
+)
+
+
+def cpu(node: NodeId, free_bytes: int, bandwidth: float) -> tuple[Event, Event, Event]:
+    """An up node with one CPU device, as its telemetry reports it."""
+    spec = DeviceSpec(
+        device_id="cpu",
+        kind="cpu",
+        name="AMD EPYC",
+        index=0,
+        memory_total_bytes=free_bytes * 2,
+        memory_pool="host",
+        memory_bandwidth=PerfFigure(value=bandwidth, source="measured", detail="test"),
+        compute=PerfFigure(value=1e11, source="measured", detail="test"),
+    )
+    return (
+        NodeStarted(node_id=node, session="s", hostname=node, api_port=1, started_at_ms=0),
+        DeviceInventoryReported(node_id=node, devices=(spec,), reported_at_ms=0),
+        DeviceMetricsReported(
+            node_id=node,
+            metrics={"cpu": DeviceMetrics(memory_free_bytes=free_bytes)},
+            reported_at_ms=0,
+        ),
+    )
+
+
+def link_between(a: NodeId, b: NodeId) -> Event:
+    profile = LinkProfile(
+        rtt_ms=0.2,
+        rtt_min_ms=0.1,
+        bandwidth_bytes_per_s=1.25e9,
+        ping_samples=10,
+        bulk_bytes=1 << 20,
+        measured_at_ms=0,
+    )
+    return LinkProfileMeasured(source=a, target=b, profile=profile)
+
+
+def placed(state: State, command: PlaceInstance | None = None) -> Instance:
+    envelope = CommandEnvelope(
+        command_id=CommandId("c"), origin=NODES[0], command=command or PlaceInstance(model_id=MODEL)
+    )
+    out = decide(state, envelope, lambda m: CARD if m == MODEL else None, ENGINE_CTX)
+    assert isinstance(out, Decision), out
+    created = out.events[-1]
+    assert isinstance(created, InstanceCreated)
+    return created.instance
+
+
+def test_latency_places_one_stage_on_the_fastest_device_that_fits() -> None:
+    a, b = NODES
+    state = state_of(*cpu(a, 8 * GIB, 20e9), *cpu(b, 8 * GIB, 60e9), link_between(a, b))
+    instance = placed(state)
+    (shard,) = instance.shards
+    assert (shard.node_id, shard.device, shard.engine) == (b, "cpu", "torch")
+    assert (shard.start_layer, shard.end_layer, shard.n_layers) == (0, 30, 30)
+    p = instance.prediction
+    assert p is not None and p.objective == "latency" and p.solver_status == "optimal"
+    assert p.tokens_per_s == pytest.approx(1 / p.time_per_token_s)
+    assert [s.device_id for s in p.stages] == [f"{b}/cpu"]
+    # A pin keeps it on the slower node; a named engine runs there.
+    pinned = placed(state, PlaceInstance(model_id=MODEL, node_id=a, engine="mlx"))
+    assert [(s.node_id, s.engine) for s in pinned.shards] == [(a, "mlx")]
+
+
+def test_a_model_too_big_for_one_device_is_split_across_linked_nodes() -> None:
+    a, b = NODES
+    # SmolLM2 needs ~98 MB of weights + 4096 tokens of KV (~94 MB) + 384 MiB CPU overhead.
+    room = 384 * (1 << 20) + 140_000_000
+    state = state_of(*cpu(a, room, 20e9), *cpu(b, room, 20e9), link_between(a, b))
+    instance = placed(state)
+    assert [s.node_id for s in instance.shards] in ([a, b], [b, a])
+    assert instance.shards[0].start_layer == 0 and instance.shards[-1].end_layer == 30
+    assert instance.shards[0].end_layer == instance.shards[1].start_layer
+    assert len({s.runner_id for s in instance.shards}) == 2
+    assert instance.prediction is not None and len(instance.prediction.stages) == 2
+
+
+def test_infeasible_placement_says_which_device_is_short_by_how_many_bytes() -> None:
+    a = NODES[0]
+    out = run(state_of(*cpu(a, 400 * (1 << 20), 20e9)), PlaceInstance(model_id=MODEL))
+    assert isinstance(out, Rejection) and out.code == "placement_failed"
+    assert "does not fit" in out.message
+    assert re.search(rf"{a}/cpu by \d+ bytes", out.message), out.message
+    # Without links the two nodes cannot form a pipeline: the reason says so.
+    b = NODES[1]
+    small = 384 * (1 << 20) + 140_000_000
+    out = run(state_of(*cpu(a, small, 20e9), *cpu(b, small, 20e9)), PlaceInstance(model_id=MODEL))
+    assert isinstance(out, Rejection) and "link" in out.message
+
+
+def test_a_node_without_telemetry_yet_gets_the_whole_model_unpredicted() -> None:
+    instance = placed(state_of(UP))
+    assert [(s.node_id, s.engine) for s in instance.shards] == [(NODES[0], "torch")]
+    assert instance.prediction is None
+
+
+def test_placing_is_fast_enough_for_the_event_loop() -> None:
+    a, b = NODES
+    state = state_of(*cpu(a, 8 * GIB, 20e9), *cpu(b, 8 * GIB, 60e9), link_between(a, b))
+    started = time.perf_counter()
+    placed(state)
+    assert time.perf_counter() - started < PLACE_TIME_LIMIT_S

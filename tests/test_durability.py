@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from exo.cluster.store import ClusterStore
 from exo.shared.apply import fold
-from exo.shared.replica import LogReplica
 from exo.shared.types.state import State
 from tests.conftest import BUILTIN
 from tests.daemon import Daemon
@@ -18,12 +18,16 @@ pytestmark = pytest.mark.slow
 
 
 def replay(home: Path) -> tuple[State, list[str]]:
-    replica = LogReplica(home / "data" / "events.log", fsync=False)
+    """The committed state and entries a restart of this node would start from."""
+    store = ClusterStore(home / "data" / "cluster", fsync=False)
     try:
-        events = replica.read_range(0, replica.last_index + 1)
-        return replica.state, [e.model_dump_json() for e in events]
+        restored = store.restored()
+        assert restored is not None
+        assert restored.snapshot is None  # too few events here for a checkpoint
+        committed = [e for e in restored.entries if e.index <= restored.hard_state.commit]
+        return fold(State(), committed), [e.model_dump_json() for e in committed]
     finally:
-        replica.close()
+        store.close()
 
 
 def test_kill_9_mid_write_then_restart_replays_the_surviving_log(

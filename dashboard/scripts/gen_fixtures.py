@@ -1,6 +1,7 @@
 """Writes dashboard/src/test/fixtures/synthetic.json: events and the state exo's Python
 `apply` folds them into. The Vitest suite checks the TypeScript fold gives the same state;
-tests/test_dashboard_e2e.py checks the fixture still matches the Python fold.
+tests/test_dashboard_e2e.py checks the fixture still matches the Python fold. Also refreshes
+the `instances` of the recorded states (state-34/36/74.json) with the Python fold.
 
     uv run python dashboard/scripts/gen_fixtures.py
 """
@@ -8,7 +9,7 @@ tests/test_dashboard_e2e.py checks the fixture still matches the Python fold.
 import json
 from pathlib import Path
 
-from exo.shared.apply import apply
+from exo.shared.apply import apply, fold
 from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
 from exo.shared.types.events import (
     DeviceInventoryReported,
@@ -28,7 +29,12 @@ from exo.shared.types.events import (
     TaskStarted,
 )
 from exo.shared.types.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
-from exo.shared.types.instances import Instance, ShardAssignment
+from exo.shared.types.instances import (
+    Instance,
+    InstancePrediction,
+    ShardAssignment,
+    StagePrediction,
+)
 from exo.shared.types.runners import (
     RunnerFailed,
     RunnerLoading,
@@ -98,6 +104,20 @@ def events() -> list[tuple[str, Event]]:
         model_id=MODEL,
         shards=(shard("run-3", A, 0, 30),),
         created_at_ms=2000,
+        prediction=InstancePrediction(
+            objective="latency",
+            solver_status="optimal",
+            solve_time_s=0.002,
+            tokens_per_s=50.0,
+            time_per_token_s=0.02,
+            throughput_tokens_per_s=50.0,
+            ttft_s=0.25,
+            reference_prompt_tokens=512,
+            context_length=4096,
+            stages=(
+                StagePrediction(device_id=f"{A}/cpu", decode_s=0.02, prefill_s=0.25, handoff_s=0.0),
+            ),
+        ),
     )
     gib = 1 << 30
     return [
@@ -133,10 +153,34 @@ def events() -> list[tuple[str, Event]]:
         ("a/1", DeviceInventoryReported(node_id=A, devices=(device("cpu", "cpu", "AMD EPYC", 16 * gib),), reported_at_ms=6400)),
         ("a/1", LinkProfileMeasured(source=A, target=B, profile=LinkProfile(rtt_ms=0.4, rtt_min_ms=0.3, bandwidth_bytes_per_s=1.2e9, ping_samples=10, bulk_bytes=1 << 24, measured_at_ms=6500))),
         ("b/2", LinkProfileMeasured(source=B, target=A, profile=LinkProfile(rtt_ms=0.5, rtt_min_ms=0.3, bandwidth_bytes_per_s=1.1e9, ping_samples=10, bulk_bytes=1 << 24, measured_at_ms=6600))),
+        # Measured tokens/s per instance: a one-token task has no decode rate (not counted).
+        ("m", TaskCreated(task=task("t7", "inst-2", A, 7000))),
+        ("a/1", TaskFinished(task_id=TaskId("t7"), finish_reason="length", prompt_tokens=10, completion_tokens=1, decode_tokens_per_s=0.0)),
+        ("a/1", TaskFirstToken(task_id=TaskId("t6"), time_to_first_token_ms=95.0)),
+        ("a/1", TaskFinished(task_id=TaskId("t6"), finish_reason="stop", prompt_tokens=10, completion_tokens=40, decode_tokens_per_s=31.3)),
     ]  # fmt: skip
 
 
+def refresh_recorded() -> None:
+    """The recorded states' `instances`, refolded by today's Python apply.
+
+    Instances gained fields after the recording (`prediction`, `measured`); a daemon of
+    this version returns them for the same events. Everything else stays as recorded.
+    """
+    fixtures = OUT.parent
+    lines = (fixtures / "events.jsonl").read_text().splitlines()
+    events = [IndexedEvent.model_validate_json(line) for line in lines if line.strip()]
+    for index in (34, 36, 74):
+        path = fixtures / f"state-{index}.json"
+        recorded = json.loads(path.read_text())
+        state = fold(State(), events[: index + 1])
+        recorded["state"]["instances"] = json.loads(state.model_dump_json())["instances"]
+        path.write_text(json.dumps(recorded, indent=1) + "\n")
+        print(f"refreshed the instances of {path}")
+
+
 def main() -> None:
+    refresh_recorded()
     seqs: dict[str, int] = {}
     state = State()
     out: list[object] = []

@@ -47,10 +47,29 @@ class NodeConfig(Frozen):
     # Device telemetry: seconds between samples; --profile measures every device.
     telemetry_interval_s: float = Field(default=5.0, gt=0)
     profile_devices: bool = False
+    # Seconds between link measurements to each peer (and one on connect).
+    link_interval_s: float = Field(default=600.0, gt=0)
+    # The cluster (docs/consensus.md, docs/mesh.md).
+    mesh_port: int = Field(default=DEFAULT_MESH_PORT, ge=0, lt=65536)
+    # Where the mesh listens (None: every interface).
+    mesh_host: str | None = None
+    peers: tuple[str, ...] = ()  # HOST:PORT of other nodes' meshes (--peer)
+    secret: str | None = Field(default=None, repr=False)
+    namespace: str = "default"
+    discovery: bool = True
+    # IP addresses to run mDNS on (empty: every interface).
+    discovery_interfaces: tuple[str, ...] = ()
+    # A node that was never in a cluster founds one after this long without finding one.
+    bootstrap_wait_s: float = Field(default=2.0, ge=0)
 
     @property
     def log_path(self) -> Path:
+        """The single-node event log of exo before the cluster (migrated once)."""
         return self.data_dir / "events.log"
+
+    @property
+    def cluster_dir(self) -> Path:
+        return self.data_dir / "cluster"
 
     @property
     def model_store_dir(self) -> Path:

@@ -9,7 +9,13 @@ from pathlib import Path
 import anyio
 from loguru import logger
 
-from exo.config import DEFAULT_API_PORT, NodeConfig, cache_dir_default, data_dir_default
+from exo.config import (
+    DEFAULT_API_PORT,
+    DEFAULT_MESH_PORT,
+    NodeConfig,
+    cache_dir_default,
+    data_dir_default,
+)
 from exo.logs import setup_logging
 
 
@@ -68,7 +74,75 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure every device's bandwidth and compute at start, not only unknown ones",
     )
+    cluster = p.add_argument_group("cluster")
+    cluster.add_argument(
+        "--peer",
+        action="append",
+        default=[p for p in os.environ.get("EXO_PEERS", "").split(",") if p],
+        metavar="HOST:PORT",
+        help="mesh address of another node (repeatable; env EXO_PEERS, comma-separated); "
+        "for networks where mDNS does not reach",
+    )
+    cluster.add_argument(
+        "--mesh-port",
+        type=int,
+        default=int(os.environ.get("EXO_MESH_PORT", DEFAULT_MESH_PORT)),
+        help="port the mesh listens on (env EXO_MESH_PORT, default %(default)s)",
+    )
+    cluster.add_argument(
+        "--mesh-host",
+        default=os.environ.get("EXO_MESH_HOST"),
+        help="address the mesh binds (env EXO_MESH_HOST, default: every interface)",
+    )
+    cluster.add_argument(
+        "--secret",
+        default=os.environ.get("EXO_SECRET"),
+        help="cluster secret: only nodes that know it can join (env EXO_SECRET, preferred: "
+        "a flag shows in the process list)",
+    )
+    cluster.add_argument(
+        "--namespace",
+        default=os.environ.get("EXO_NAMESPACE", "default"),
+        help="cluster name: nodes of another namespace are ignored (env EXO_NAMESPACE)",
+    )
+    cluster.add_argument(
+        "--no-discovery",
+        action="store_true",
+        default=os.environ.get("EXO_DISCOVERY", "1") == "0",
+        help="do not announce or browse mDNS (env EXO_DISCOVERY=0); use --peer",
+    )
+    cluster.add_argument(
+        "--discovery-interface",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="run mDNS only on this interface address (repeatable; default: all)",
+    )
+    cluster.add_argument(
+        "--bootstrap-wait",
+        type=float,
+        default=float(os.environ.get("EXO_BOOTSTRAP_WAIT", "2")),
+        help="seconds a new node looks for an existing cluster before founding its own "
+        "(default %(default)s; 0 when it has no way to find peers)",
+    )
     return p
+
+
+def _check_cluster_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    import re
+
+    from exo.routing.discovery import PeerAddressError, parse_peer
+    from exo.routing.mesh.messages import NAMESPACE_PATTERN
+
+    for text in args.peer:
+        try:
+            parse_peer(str(text), default_port=int(args.mesh_port))
+        except PeerAddressError as exc:
+            parser.error(str(exc))
+    if not re.fullmatch(NAMESPACE_PATTERN, str(args.namespace)):
+        parser.error(f"--namespace {args.namespace!r} must match {NAMESPACE_PATTERN}")
+    if not 0 <= int(args.mesh_port) < 65536:
+        parser.error(f"--mesh-port {args.mesh_port} is not a port number")
 
 
 def _default_dashboard_dir() -> Path | None:
@@ -86,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         from exo.worker.telemetry.cli import devices_main
 
         sys.exit(devices_main(argv[1:]))
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_cluster_args(parser, args)
     dashboard: Path | None = args.dashboard_dir or _default_dashboard_dir()
     config = NodeConfig(
         api_host=args.api_host,
@@ -101,6 +177,14 @@ def main(argv: list[str] | None = None) -> None:
         engine=args.engine,
         telemetry_interval_s=args.telemetry_interval,
         profile_devices=args.profile,
+        peers=tuple(args.peer),
+        mesh_port=args.mesh_port,
+        mesh_host=args.mesh_host,
+        secret=args.secret or None,
+        namespace=args.namespace,
+        discovery=not args.no_discovery,
+        discovery_interfaces=tuple(args.discovery_interface),
+        bootstrap_wait_s=args.bootstrap_wait if (args.peer or not args.no_discovery) else 0.0,
     )
     setup_logging(config.log_dir, config.verbose)
     logger.info(f"data in {config.data_dir}, cache in {config.cache_dir}")

@@ -1,10 +1,13 @@
-"""One exo node: every component in one task group, wired through the router.
+"""One exo node: every component in one task group.
 
-On a single machine this node is also the master; the cluster adds peers behind the same
-router topics, so nothing here changes shape when it does.
+The cluster service (consensus core + durable log + mesh) is the only way state changes:
+the worker and telemetry emit local events into it, the API sends commands through it,
+and everything reads the committed state from it. On a single machine the node founds a
+one-node cluster and is its master; with peers it joins theirs.
 """
 
 import platform
+import random
 import signal
 import socket
 import sys
@@ -15,31 +18,48 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
-from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 from loguru import logger
 
 from exo.api.app import create_app
 from exo.api.server import serve_http
 from exo.api.settings import ApiSettings
+from exo.cluster.replace import Replacer
+from exo.cluster.service import ClusterService
+from exo.cluster.store import ClusterStore
 from exo.config import NodeConfig
 from exo.identity import load_or_create_node_id
-from exo.master.master import Master
+from exo.master.decide import DecideContext, Decision, Rejection, decide
 from exo.models.cards import KNOWN_CARDS
 from exo.models.store import ModelStore
-from exo.routing import topics
-from exo.routing.emitter import EventEmitter
+from exo.routing.consensus import ConsensusConfig
+from exo.routing.discovery import DiscoveredPeer, Discovery, parse_peer
+from exo.routing.mesh import Mesh, MeshConfig
 from exo.routing.router import Router
 from exo.routing.streams import StreamHub
-from exo.shared.replica import LogReplica
-from exo.shared.types.commands import Command, CommandEnvelope, CommandReply, PlaceInstance
+from exo.shared.types.cluster import ClusterStatus
+from exo.shared.types.commands import (
+    Command,
+    CommandEnvelope,
+    CommandRejected,
+    CommandReply,
+    PlaceInstance,
+)
 from exo.shared.types.events import IndexedEvent, NodeStarted
-from exo.shared.types.ids import CommandId, ModelId, NodeId, TaskId, new_command_id
+from exo.shared.types.ids import (
+    ModelId,
+    NodeId,
+    TaskId,
+    new_command_id,
+    new_instance_id,
+    new_runner_id,
+)
 from exo.shared.types.instances import EngineName
 from exo.shared.types.models import ModelCard
 from exo.shared.types.state import State
 from exo.shared.types.stream import StreamMessage
 from exo.worker.engines.choice import default_engine
+from exo.worker.telemetry.link_loop import LinkProber
 from exo.worker.telemetry.loop import node_telemetry
 from exo.worker.worker import Worker
 
@@ -51,16 +71,36 @@ class Node:
         self._config = config
         self._node_id = load_or_create_node_id(config.data_dir)
         self._session = uuid.uuid4().hex[:8]
-        self._replica = LogReplica(
-            config.log_path, fsync=config.fsync, snapshot_every=config.snapshot_every
-        )
-        self._router = Router()
-        self._models = ModelStore(config.model_store_dir)
-        self._emitter = EventEmitter(
-            origin=f"{self._node_id}/{self._session}", router=self._router, replica=self._replica
-        )
-        self._streams = StreamHub(node_id=self._node_id, router=self._router, replica=self._replica)
-        self._reply_waiters: dict[CommandId, MemoryObjectSendStream[CommandReply]] = {}
+        self._store = ClusterStore(config.cluster_dir, fsync=config.fsync)
+        try:
+            self._store.migrate_single_node_log(config.log_path, self._node_id, uuid.uuid4().hex)
+            self._router = Router()
+            self._models = ModelStore(config.model_store_dir)
+            self._mesh = Mesh(
+                MeshConfig(
+                    node_id=self._node_id,
+                    namespace=config.namespace,
+                    host=config.mesh_host,
+                    port=config.mesh_port,
+                    secret=config.secret,
+                )
+            )
+            self._engine: EngineName = _default_engine(config.engine)
+            self._cluster = ClusterService(
+                node_id=self._node_id,
+                session=self._session,
+                store=self._store,
+                mesh=self._mesh,
+                router=self._router,
+                decide=self._decide,
+                config=ConsensusConfig(snapshot_every=config.snapshot_every),
+                bootstrap_wait_s=config.bootstrap_wait_s,
+                rng=random.Random(),
+            )
+        except BaseException:
+            self._store.close()
+            raise
+        self._streams = StreamHub(node_id=self._node_id, router=self._router, replica=self._cluster)
 
     # --- ApiBackend -------------------------------------------------------------------
 
@@ -69,7 +109,10 @@ class Node:
         return self._node_id
 
     def state(self) -> State:
-        return self._replica.state
+        return self._cluster.state
+
+    def cluster_status(self) -> ClusterStatus:
+        return self._cluster.status()
 
     def model_cards(self) -> Sequence[ModelCard]:
         return list(KNOWN_CARDS.values())
@@ -81,18 +124,20 @@ class Node:
         envelope = CommandEnvelope(
             command_id=new_command_id(), origin=self._node_id, command=command
         )
-        send, receive = anyio.create_memory_object_stream[CommandReply](1)
-        self._reply_waiters[envelope.command_id] = send
+        # The core answers within its own bound (rejecting when no master shows up);
+        # this outer bound only guards against a bug.
+        bound = self._config.command_timeout_s + 5.0
         try:
-            with receive, anyio.fail_after(self._config.command_timeout_s):
-                await self._router.publish(topics.COMMANDS, envelope)
-                return await receive.receive()
-        finally:
-            self._reply_waiters.pop(envelope.command_id, None)
-            send.close()
+            return await self._cluster.send_command(envelope, bound)
+        except TimeoutError:
+            return CommandRejected(
+                command_id=envelope.command_id,
+                code="unavailable",
+                message=f"no answer from the master within {bound:.0f} s",
+            )
 
     async def wait_for_state(self, predicate: Callable[[State], bool], timeout_s: float) -> State:
-        return await self._replica.wait_for(predicate, timeout_s)
+        return await self._cluster.wait_for(predicate, timeout_s)
 
     @asynccontextmanager
     async def subscribe_stream(
@@ -105,8 +150,19 @@ class Node:
     async def subscribe_events(
         self, from_index: int
     ) -> AsyncGenerator[MemoryObjectReceiveStream[IndexedEvent]]:
-        async with self._replica.subscribe(from_index) as events:
+        async with self._cluster.subscribe(from_index) as events:
             yield events
+
+    # --- the master's decision (runs on whichever node is master) ----------------------
+
+    def _decide(self, state: State, envelope: CommandEnvelope) -> Decision | Rejection:
+        ctx = DecideContext(
+            now_ms=int(time.time() * 1000),
+            new_instance_id=new_instance_id(),
+            new_runner_ids=[new_runner_id() for _ in range(64)],
+            default_engine=self._engine,
+        )
+        return decide(state, envelope, KNOWN_CARDS.get, ctx)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -116,46 +172,75 @@ class Node:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stop_on_signal, shutdown)
+                mesh_port = await tg.start(self._mesh.run)
+                for text in self._config.peers:
+                    peer = parse_peer(text, default_port=self._config.mesh_port)
+                    self._mesh.add_peer(peer.host, peer.port)
+                if self._config.discovery:
+                    await tg.start(self._discover, mesh_port)
+                prober = LinkProber(
+                    node_id=self._node_id,
+                    sink=self._cluster,
+                    targets=self._cluster.probe_targets,
+                    host=self._config.mesh_host,
+                    interval_s=self._config.link_interval_s,
+                )
+                self._cluster.probe_port = await tg.start(prober.serve)
                 # Every subscriber is in place before anything is published.
-                await tg.start(self._replicate)
-                await tg.start(self._route_replies)
+                await tg.start(self._cluster.run)
                 await tg.start(self._streams.run)
-                await tg.start(self._master().run)
-                tg.start_soon(self._emitter.run)
                 await self._announce()
                 tg.start_soon(self._worker().run)
                 # Telemetry (issue 5): device inventory + change-detected metrics events.
-                tg.start_soon(node_telemetry(self._node_id, self._emitter, self._config).run)
-                await self._preload()
+                tg.start_soon(node_telemetry(self._node_id, self._cluster, self._config).run)
+                tg.start_soon(prober.run)
+                replacer = Replacer(
+                    view=self._cluster,
+                    is_master=lambda: self._cluster.is_master,
+                    send_command=self.send_command,
+                )
+                tg.start_soon(replacer.run)
+                tg.start_soon(self._preload)
                 # Hypercorn must end through its shutdown trigger, not by cancellation.
                 await self._serve_api(shutdown)
                 logger.info("shutting down")
+                await self._leave_cluster()
                 tg.cancel_scope.cancel()
         finally:
-            self._replica.close()
+            self._store.close()
             logger.info("node stopped; event log closed")
 
-    def _master(self) -> Master:
-        return Master(
-            origin=f"{self._node_id}/{self._session}/master",
-            router=self._router,
-            replica=self._replica,
-            card_for=KNOWN_CARDS.get,
-            default_engine=_default_engine(self._config.engine),
+    async def _discover(
+        self, mesh_port: int, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        def found(peer: DiscoveredPeer) -> None:
+            logger.info(f"discovered {peer.node_id} at {peer.host}:{peer.mesh_port}")
+            self._mesh.add_peer(peer.host, peer.mesh_port)
+
+        interfaces = list(self._config.discovery_interfaces) or None
+        discovery = Discovery(
+            node_id=self._node_id,
+            namespace=self._config.namespace,
+            mesh_port=mesh_port,
+            api_port=self._config.api_port or 1,
+            on_peer=found,
+            interfaces=interfaces,
+            ipv4_only=interfaces is not None and all(":" not in i for i in interfaces),
         )
+        await discovery.run(task_status=task_status)
 
     def _worker(self) -> Worker:
         return Worker(
             node_id=self._node_id,
-            replica=self._replica,
-            emitter=self._emitter,
+            replica=self._cluster,
+            emitter=self._cluster,
             router=self._router,
             models=self._models,
             load_timeout_s=self._config.runner_load_timeout_s,
         )
 
     async def _announce(self) -> None:
-        seq = await self._emitter.emit(
+        seq = await self._cluster.emit(
             NodeStarted(
                 node_id=self._node_id,
                 session=self._session,
@@ -164,7 +249,15 @@ class Node:
                 started_at_ms=int(time.time() * 1000),
             )
         )
-        await self._emitter.wait_indexed(seq, self._config.command_timeout_s)
+        # Without a master (a member restarting while the others are away) the node still
+        # serves its last known state; the announcement lands once a master is there.
+        try:
+            await self._cluster.wait_indexed(seq, self._config.command_timeout_s)
+        except TimeoutError:
+            logger.warning(
+                "no master has indexed this node's start yet (no quorum reachable?); "
+                "serving the last known state meanwhile"
+            )
 
     async def _preload(self) -> None:
         if self._config.preload_model is None:
@@ -175,28 +268,22 @@ class Node:
         else:
             logger.info(f"placing {self._config.preload_model} as {reply.created_id}")
 
-    async def _replicate(
-        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        with self._router.subscribe(topics.GLOBAL_EVENTS) as events:
-            task_status.started()
-            async for event in events:
-                await self._replica.ingest([event])
-
-    async def _route_replies(
-        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        with self._router.subscribe(topics.COMMAND_REPLIES) as replies:
-            task_status.started()
-            async for addressed in replies:
-                if addressed.to != self._node_id:
-                    continue
-                waiter = self._reply_waiters.get(addressed.reply.command_id)
-                if waiter is not None:
-                    try:
-                        waiter.send_nowait(addressed.reply)
-                    except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        pass  # a duplicate reply, or the caller already gave up
+    async def _leave_cluster(self) -> None:
+        """A member that stops on purpose leaves the voters, so the others keep a quorum
+        (two nodes survive one leaving); it joins again when it comes back. The last
+        voter stays: its cluster would have no member left to let anyone in."""
+        voters = self._cluster.status().voters
+        if self._node_id not in voters or len(voters) < 2:
+            return
+        self._cluster.leave()
+        try:
+            await self._cluster.wait_for(
+                lambda s: (info := s.nodes.get(self._node_id)) is None or info.status == "down",
+                3.0,
+            )
+            logger.info("left the cluster")
+        except TimeoutError:
+            logger.warning("could not leave the cluster in time; the others will time us out")
 
     async def _serve_api(self, shutdown: anyio.Event) -> None:
         app = create_app(

@@ -6,6 +6,7 @@ import type {
   IndexedEvent,
   Instance,
   InstanceId,
+  InstanceMeasured,
   NodeId,
   RunnerId,
   RunnerStatus,
@@ -13,7 +14,7 @@ import type {
   Task,
   TaskId,
 } from './types';
-import { isKnownEvent } from './types';
+import { isKnownEvent, MEASURED_WINDOW } from './types';
 import type { NodeDevices } from './telemetry';
 
 export class ApplyError extends Error {}
@@ -57,11 +58,13 @@ function applyEvent(state: State, event: Event): State {
       if (event.instance.instance_id in state.instances) return state;
       const runners = { ...state.runners };
       for (const shard of event.instance.shards) runners[shard.runner_id] = { kind: 'spawning' };
-      return {
-        ...state,
-        instances: { ...state.instances, [event.instance.instance_id]: event.instance },
-        runners,
+      // As pydantic fills them: an event from an older daemon lacks these fields.
+      const instance: Instance = {
+        ...event.instance,
+        prediction: event.instance.prediction ?? null,
+        measured: event.instance.measured ?? null,
       };
+      return { ...state, instances: { ...state.instances, [instance.instance_id]: instance }, runners };
     }
     case 'instance_deleted':
       return deleteInstance(state, event.instance_id);
@@ -77,9 +80,11 @@ function applyEvent(state: State, event: Event): State {
       return { ...state, tasks: { ...state.tasks, [event.task_id]: { ...task, status: 'running' } } };
     }
     case 'task_finished': {
-      if (!(event.task_id in state.tasks)) return state;
+      const task = state.tasks[event.task_id];
+      if (task === undefined) return state;
+      const measured = measure(state, task.instance_id, event);
       return {
-        ...state,
+        ...measured,
         tasks: without(state.tasks, new Set([event.task_id])),
         counters: {
           ...state.counters,
@@ -133,7 +138,48 @@ function applyEvent(state: State, event: Event): State {
         links: { ...links, [event.source]: { ...(links[event.source] ?? {}), [event.target]: event.profile } },
       };
     }
+    case 'runner_endpoint_reported': {
+      if (!(event.runner_id in state.runners)) return state; // its instance is already gone
+      const endpoints = state.runner_endpoints ?? {};
+      return { ...state, runner_endpoints: { ...endpoints, [event.runner_id]: event.endpoint } };
+    }
+    case 'master_elected':
+      return { ...state, master: event.node_id };
+    case 'member_joined':
+      return nodeStatus(state, event.node_id, 'up');
+    case 'member_left':
+      return nodeLost(state, event.node_id, 'left the cluster');
+    case 'member_timed_out':
+      return nodeLost(state, event.node_id, `timed out (silent for ${event.silent_ms} ms)`);
+    case 'command_decided':
+      return state; // read by the consensus core (exactly-once commands), not by state
   }
+}
+
+function nodeStatus(state: State, nodeId: NodeId, status: 'up' | 'down'): State {
+  const info = state.nodes[nodeId];
+  if (info === undefined || info.status === status) return state;
+  return { ...state, nodes: { ...state.nodes, [nodeId]: { ...info, status } } };
+}
+
+/** A member is gone: its instances fail (to be re-placed), its tasks cannot finish. */
+function nodeLost(state: State, nodeId: NodeId, why: string): State {
+  state = nodeStatus(state, nodeId, 'down');
+  const reason = `node ${nodeId} ${why}`;
+  const instances = { ...state.instances };
+  const failed = new Set<InstanceId>();
+  for (const instance of Object.values(state.instances)) {
+    if (instance.failed_reason === null && instance.shards.some((s) => s.node_id === nodeId)) {
+      instances[instance.instance_id] = { ...instance, failed_reason: reason };
+      failed.add(instance.instance_id);
+    }
+  }
+  state = { ...state, instances };
+  const lost = new Set<TaskId>();
+  for (const [id, task] of Object.entries(state.tasks)) {
+    if (task.owner === nodeId || failed.has(task.instance_id)) lost.add(id);
+  }
+  return dropFailedTasks(state, lost);
 }
 
 function nodeStarted(state: State, event: Extract<Event, { kind: 'node_started' }>): State {
@@ -176,11 +222,14 @@ function deleteInstance(state: State, instanceId: InstanceId): State {
   const instance = state.instances[instanceId];
   if (instance === undefined) return state;
   state = dropFailedTasks(state, tasksOf(state, instanceId));
-  return {
+  const runnerIds = new Set(instance.shards.map((s) => s.runner_id));
+  const next: State = {
     ...state,
     instances: without(state.instances, new Set([instanceId])),
-    runners: without(state.runners, new Set(instance.shards.map((s) => s.runner_id))),
+    runners: without(state.runners, runnerIds),
   };
+  if (state.runner_endpoints !== undefined) next.runner_endpoints = without(state.runner_endpoints, runnerIds);
+  return next;
 }
 
 function tasksOf(state: State, instanceId: InstanceId): Set<TaskId> {
@@ -198,6 +247,28 @@ function dropFailedTasks(state: State, taskIds: Set<TaskId>): State {
 
 function countFailed(state: State, n: number): State {
   return { ...state, counters: { ...state.counters, failed: state.counters.failed + n } };
+}
+
+/** The instance's measured decode tokens/s: the last MEASURED_WINDOW tasks and their mean.
+ * A task of fewer than two tokens has no decode rate and is not counted. */
+function measure(
+  state: State,
+  instanceId: InstanceId,
+  event: Extract<Event, { kind: 'task_finished' }>,
+): State {
+  const instance = state.instances[instanceId];
+  if (instance === undefined || event.completion_tokens < 2 || event.decode_tokens_per_s <= 0) return state;
+  const old = instance.measured ?? null;
+  const recent = [...(old?.recent_decode_tokens_per_s ?? []), event.decode_tokens_per_s].slice(-MEASURED_WINDOW);
+  let total = 0;
+  for (const rate of recent) total += rate; // left to right, as the Python fold sums
+  const measured: InstanceMeasured = {
+    measured_tasks: (old?.measured_tasks ?? 0) + 1,
+    last_decode_tokens_per_s: event.decode_tokens_per_s,
+    recent_decode_tokens_per_s: recent,
+    mean_decode_tokens_per_s: total / recent.length,
+  };
+  return { ...state, instances: { ...state.instances, [instanceId]: { ...instance, measured } } };
 }
 
 function without<V>(record: Record<string, V>, keys: Set<string>): Record<string, V> {

@@ -2,7 +2,8 @@
 // state carries them: a daemon without telemetry has no `node_devices`/`links`, and the
 // dashboard then shows no device cards and no link labels. Nothing here invents a figure.
 
-import type { NodeId, State } from './types';
+import type { InstanceStats } from './metrics';
+import type { Instance, InstanceMeasured, InstancePrediction, NodeId, State } from './types';
 
 export interface PerfFigure {
   value: number;
@@ -200,4 +201,62 @@ export function predictedTokensPerS(instance: Record<string, unknown>): number |
     if (typeof holder.predicted_tokens_per_s === 'number') return holder.predicted_tokens_per_s;
   }
   return null;
+}
+
+function linkText(p: LinkProfile): string {
+  return `${p.rtt_ms.toFixed(p.rtt_ms < 10 ? 2 : 0)} ms · ${formatRate(p.bandwidth_bytes_per_s)}`;
+}
+
+/** The edge's label: RTT and bandwidth of a -> b (or of b -> a when only that was measured). */
+export function edgeLabel(e: Edge): string {
+  const p = e.ab ?? e.ba;
+  return p === null ? '' : linkText(p);
+}
+
+/** Both directions, for the edge's tooltip. */
+export function edgeTitle(e: Edge, name: (id: NodeId) => string = (id) => id): string {
+  const parts: string[] = [];
+  if (e.ab) parts.push(`${name(e.a)} → ${name(e.b)}: ${linkText(e.ab)}`);
+  if (e.ba) parts.push(`${name(e.b)} → ${name(e.a)}: ${linkText(e.ba)}`);
+  return parts.join('\n');
+}
+
+/** Predicted (placement) against measured (finished tasks) figures of one instance. */
+export interface PerfComparison {
+  predicted_tokens_per_s: number | null;
+  predicted_ttft_ms: number | null;
+  // The objective and solver status that produced the prediction, and its TTFT.
+  solver: string | null;
+  measured_last: number | null;
+  measured_mean: number | null;
+  measured_tasks: number;
+  // Measured mean over predicted: 1 when the cost model is exact.
+  ratio: number | null;
+  // Predicted decode ms per token of each stage, in pipeline order (null: not predicted).
+  stage_ms: (number | null)[];
+}
+
+/** The state's own fold (`instance.measured`) when present, else the event log's samples. */
+export function comparePerf(instance: Instance, stats: InstanceStats): PerfComparison {
+  const prediction = isObj(instance.prediction) ? (instance.prediction as InstancePrediction) : null;
+  const measured = isObj(instance.measured) ? (instance.measured as InstanceMeasured) : null;
+  const predicted = prediction?.tokens_per_s ?? predictedTokensPerS(instance);
+  const last = measured?.last_decode_tokens_per_s ?? stats.last_tokens_per_s;
+  const mean = measured?.mean_decode_tokens_per_s ?? stats.mean_tokens_per_s;
+  const stages = prediction?.stages ?? [];
+  return {
+    predicted_tokens_per_s: predicted,
+    predicted_ttft_ms: prediction ? prediction.ttft_s * 1000 : null,
+    solver: prediction
+      ? `${prediction.objective}, ${prediction.solver_status}; TTFT for a ${prediction.reference_prompt_tokens}-token prompt ${(prediction.ttft_s * 1000).toFixed(0)} ms`
+      : null,
+    measured_last: last,
+    measured_mean: mean,
+    measured_tasks: measured?.measured_tasks ?? stats.tasks,
+    ratio: predicted !== null && predicted > 0 && mean !== null ? mean / predicted : null,
+    stage_ms: instance.shards.map((_, i) => {
+      const stage = stages.length === instance.shards.length ? stages[i] : undefined;
+      return stage === undefined ? null : stage.decode_s * 1000;
+    }),
+  };
 }

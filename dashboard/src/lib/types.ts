@@ -31,12 +31,48 @@ export interface ShardAssignment {
   [extra: string]: unknown;
 }
 
+/** One stage's predicted share of a token, in seconds (instances.StagePrediction). */
+export interface StagePrediction {
+  device_id: string;
+  decode_s: number;
+  prefill_s: number;
+  handoff_s: number;
+}
+
+/** What placement predicted for an instance (instances.InstancePrediction). */
+export interface InstancePrediction {
+  objective: 'latency' | 'throughput';
+  solver_status: string;
+  solve_time_s: number;
+  tokens_per_s: number;
+  time_per_token_s: number;
+  throughput_tokens_per_s: number;
+  ttft_s: number;
+  reference_prompt_tokens: number;
+  context_length: number;
+  stages: StagePrediction[];
+}
+
+/** Decode tokens/s its finished tasks reported, folded by apply (instances.InstanceMeasured). */
+export interface InstanceMeasured {
+  measured_tasks: number;
+  last_decode_tokens_per_s: number;
+  recent_decode_tokens_per_s: number[];
+  mean_decode_tokens_per_s: number;
+}
+
+/** How many finished tasks the measured figures average over (instances.MEASURED_WINDOW). */
+export const MEASURED_WINDOW = 10;
+
 export interface Instance {
   instance_id: InstanceId;
   model_id: ModelId;
   shards: ShardAssignment[];
   failed_reason: string | null;
   created_at_ms: number;
+  // Absent from daemons older than the solver placement; null when not predicted/measured.
+  prediction?: InstancePrediction | null;
+  measured?: InstanceMeasured | null;
   [extra: string]: unknown;
 }
 
@@ -91,6 +127,9 @@ export interface State {
   // Telemetry (absent from daemons without it).
   node_devices?: Record<NodeId, NodeDevices>;
   links?: Record<NodeId, Record<NodeId, LinkProfile>>;
+  // The master of `term` (from its master_elected entry); absent from older daemons.
+  master?: NodeId | null;
+  runner_endpoints?: Record<RunnerId, RunnerEndpoint>;
   // Fields added by later daemons (devices, links, ...): shown when present.
   [extra: string]: unknown;
 }
@@ -128,7 +167,21 @@ export type Event =
       metrics: Record<string, DeviceMetrics>;
       reported_at_ms: number;
     }
-  | { kind: 'link_profile_measured'; source: NodeId; target: NodeId; profile: LinkProfile };
+  | { kind: 'link_profile_measured'; source: NodeId; target: NodeId; profile: LinkProfile }
+  | { kind: 'runner_endpoint_reported'; runner_id: RunnerId; endpoint: RunnerEndpoint }
+  // The cluster's own events (membership, election, command outcomes).
+  | { kind: 'member_joined'; node_id: NodeId }
+  | { kind: 'member_left'; node_id: NodeId }
+  | { kind: 'member_timed_out'; node_id: NodeId; silent_ms: number }
+  | { kind: 'master_elected'; node_id: NodeId; term: number }
+  | { kind: 'command_decided'; node_id: NodeId; reply: unknown };
+
+/** Where a pipeline stage's runner listens (its neighbours connect there). */
+export interface RunnerEndpoint {
+  node_id: NodeId;
+  host: string;
+  port: number;
+}
 
 export const KNOWN_EVENT_KINDS: ReadonlySet<string> = new Set([
   'node_started',
@@ -145,6 +198,12 @@ export const KNOWN_EVENT_KINDS: ReadonlySet<string> = new Set([
   'device_inventory_reported',
   'device_metrics_reported',
   'link_profile_measured',
+  'runner_endpoint_reported',
+  'member_joined',
+  'member_left',
+  'member_timed_out',
+  'master_elected',
+  'command_decided',
 ]);
 
 /** An event of a kind this dashboard does not know (from a newer daemon). */

@@ -1,11 +1,12 @@
 import { describe, expect, it } from 'vitest';
 import { apply, ApplyError, fold, UnknownEventError } from '../lib/apply';
-import { emptyState, type IndexedEvent, type State } from '../lib/types';
+import { emptyState, MEASURED_WINDOW, type IndexedEvent, type State, type Task } from '../lib/types';
 import { deepFreeze, recordedEvents, recordedState, synthetic } from './fixtures';
 
 // A daemon without telemetry has no node_devices/links; one with it starts them empty.
+// Fields of newer daemons this fold has no event for yet start at their defaults.
 function withTelemetry(state: State): State {
-  return { node_devices: {}, links: {}, ...state };
+  return { node_devices: {}, links: {}, master: null, runner_endpoints: {}, ...state };
 }
 
 describe('apply over events recorded from a real daemon', () => {
@@ -61,6 +62,42 @@ describe('apply matches exo.shared.apply on failure paths', () => {
     expect(after.nodes['node-bbbb']?.session).toBe('2');
   });
 
+  it('keeps the placement prediction and folds measured tokens/s per instance', () => {
+    const state = fold(emptyState(), events);
+    const inst = state.instances['inst-2'];
+    expect(inst?.prediction?.tokens_per_s).toBe(50);
+    // t5 (5 tokens at 25) and t6 (40 at 31.3) count; t7 (one token) has no decode rate.
+    expect(inst?.measured).toEqual({
+      measured_tasks: 2,
+      last_decode_tokens_per_s: 31.3,
+      recent_decode_tokens_per_s: [25, 31.3],
+      mean_decode_tokens_per_s: (25 + 31.3) / 2,
+    });
+    // An instance created by an older daemon carries neither: both read as null.
+    expect(fold(emptyState(), events.slice(0, 3)).instances['inst-1']?.measured).toBeNull();
+  });
+
+  it('keeps only the last MEASURED_WINDOW rates', () => {
+    let state = fold(emptyState(), events);
+    let index = state.last_index;
+    for (let i = 0; i < MEASURED_WINDOW + 2; i++) {
+      const task_id = `w${i}`;
+      const task: Task = { ...(recordedTask(events) as Task), task_id, instance_id: 'inst-2' };
+      state = apply(state, { index: ++index, term: 2, origin: 'm', origin_seq: 100 + 2 * i, event: { kind: 'task_created', task } });
+      state = apply(state, {
+        index: ++index,
+        term: 2,
+        origin: 'm',
+        origin_seq: 101 + 2 * i,
+        event: { kind: 'task_finished', task_id, finish_reason: 'stop', prompt_tokens: 1, completion_tokens: 9, decode_tokens_per_s: i + 1 },
+      });
+    }
+    const measured = state.instances['inst-2']?.measured;
+    expect(measured?.measured_tasks).toBe(2 + MEASURED_WINDOW + 2);
+    expect(measured?.recent_decode_tokens_per_s).toEqual([3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    expect(measured?.mean_decode_tokens_per_s).toBe(7.5);
+  });
+
   it('ignores a runner report after its instance was deleted', () => {
     const deleted = fold(emptyState(), events.slice(0, 20));
     const late = apply(deleted, events[20] as IndexedEvent);
@@ -97,3 +134,8 @@ describe('apply refuses what cannot follow', () => {
     expect(() => apply(state, unknown)).toThrow(UnknownEventError);
   });
 });
+
+function recordedTask(events: IndexedEvent[]): Task | undefined {
+  for (const e of events) if (e.event.kind === 'task_created') return e.event.task as Task;
+  return undefined;
+}

@@ -37,9 +37,9 @@ describe('metrics', () => {
   it('records only finished tasks that generated tokens', () => {
     const { events } = synthetic();
     const m = events.reduce(observe, emptyMetrics());
-    expect(m.samples.map((s) => s.task_id)).toEqual(['t5']);
+    expect(m.samples.map((s) => s.task_id)).toEqual(['t5', 't7', 't6']);
     expect(m.samples[0]?.at_ms).toBeCloseTo(5000 + 120.5 + 200, 6);
-    expect(Object.keys(m.open).sort()).toEqual(['t1', 't2', 't3', 't4', 't6']);
-    expect(instanceStats(m, 'inst-2').last_ttft_ms).toBe(120.5);
+    expect(Object.keys(m.open).sort()).toEqual(['t1', 't2', 't3', 't4']);
+    expect(instanceStats(m, 'inst-2').last_ttft_ms).toBe(95);
   });
 });

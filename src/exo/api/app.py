@@ -46,7 +46,8 @@ from exo.api.translate import (
 )
 from exo.shared.types.base import Frozen
 from exo.shared.types.chat import ChatParams
-from exo.shared.types.commands import DeleteInstance, PlaceInstance
+from exo.shared.types.cluster import ClusterStatus
+from exo.shared.types.commands import DeleteInstance, PinnedStage, PlaceInstance
 from exo.shared.types.events import IndexedEvent
 from exo.shared.types.ids import InstanceId, ModelId, NodeId, TaskId, new_task_id
 from exo.shared.types.state import State
@@ -56,8 +57,13 @@ M = TypeVar("M", bound=BaseModel)
 
 class StateResponse(Frozen):
     node_id: NodeId
+    # The current master and term as this node knows them (None: an election is on).
+    master: NodeId | None
+    term: int
+    # This node's last applied (committed and durable) index and the hash of that state.
     last_index: int
     state_hash: str
+    cluster: ClusterStatus
     state: State
 
 
@@ -201,8 +207,12 @@ def create_app(
     @app.get("/state", tags=["cluster"], response_model=None)
     async def get_state() -> Response:  # pyright: ignore[reportUnusedFunction]
         state = backend.state()
+        cluster = backend.cluster_status()
         body = StateResponse(
             node_id=backend.node_id,
+            master=cluster.master,
+            term=cluster.term,
+            cluster=cluster,
             last_index=state.last_index,
             state_hash=state.state_hash(),
             state=state,
@@ -278,10 +288,25 @@ def create_app(
         model_id = ModelId(body.model)
         if backend.model_card(model_id) is None:
             raise model_not_found(body.model)
+        stages = (
+            None
+            if body.stages is None
+            else tuple(
+                PinnedStage(
+                    node_id=NodeId(s.node_id),
+                    device=s.device,
+                    engine=s.engine,
+                    start_layer=s.start_layer,
+                    end_layer=s.end_layer,
+                )
+                for s in body.stages
+            )
+        )
         command = PlaceInstance(
             model_id=model_id,
             node_id=None if body.node_id is None else NodeId(body.node_id),
             engine=body.engine,
+            stages=stages,
         )
         accepted = await send_command(backend, command, settings)
         if accepted.created_id is None:

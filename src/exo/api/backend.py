@@ -6,6 +6,7 @@ from typing import Protocol
 
 from anyio.abc import ObjectReceiveStream
 
+from exo.shared.types.cluster import ClusterStatus
 from exo.shared.types.commands import Command, CommandReply
 from exo.shared.types.events import IndexedEvent
 from exo.shared.types.ids import ModelId, NodeId, TaskId
@@ -20,6 +21,10 @@ class ApiBackend(Protocol):
 
     def state(self) -> State:
         """The state as folded up to this node's last applied event."""
+        ...
+
+    def cluster_status(self) -> ClusterStatus:
+        """This node's view of the cluster: role, term, master, voters, connected peers."""
         ...
 
     def model_cards(self) -> Sequence[ModelCard]: ...

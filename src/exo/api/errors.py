@@ -72,6 +72,7 @@ _REJECTION_STATUS: dict[RejectionCode, tuple[int, str]] = {
     # An election is in progress or this node followed a stale master: worth a retry.
     "not_master": (503, "not_master"),
     "invalid": (400, "invalid_request"),
+    "invalid_split": (400, "invalid_split"),
     "unavailable": (503, "unavailable"),
 }
 

@@ -68,10 +68,22 @@ class ChatCompletionRequest(_Request):
     top_logprobs: StrictInt | None = None
 
 
+class PinnedStageRequest(_Request):
+    """One stage of a manual split; the master validates the split as a whole."""
+
+    node_id: StrictStr
+    device: StrictStr = "cpu"
+    engine: StrictStr
+    start_layer: StrictInt
+    end_layer: StrictInt
+
+
 class PlaceInstanceRequest(_Request):
     model: StrictStr
     node_id: StrictStr | None = None
     engine: Literal["mlx", "torch"] | None = None
+    # A manual split in pipeline order; always places a new instance.
+    stages: list[PinnedStageRequest] | None = Field(default=None, min_length=1)
 
 
 # --- responses -------------------------------------------------------------------------

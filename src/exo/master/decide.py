@@ -2,7 +2,8 @@
 
 from collections.abc import Callable
 
-from exo.master.placement import PlacementError, place_instance
+from exo.master.manual_split import SplitRejected, validate_manual_split
+from exo.master.placement import PlacementError, auto_place
 from exo.shared.types.base import Frozen
 from exo.shared.types.commands import (
     CancelTask,
@@ -103,7 +104,7 @@ def _place(
     state: State, command: PlaceInstance, card: ModelCard, ctx: DecideContext
 ) -> Decision | Rejection:
     existing = serving_instance(state, command.model_id)
-    if existing is not None and command.node_id is None:
+    if existing is not None and command.node_id is None and command.stages is None:
         return Decision(created_id=existing.instance_id)  # placing is idempotent per model
     # A failed instance of the model only holds memory: clear it before placing anew.
     cleanup: list[Event] = [
@@ -113,14 +114,30 @@ def _place(
         for i in state.instances.values()
         if i.model_id == command.model_id and i.failed_reason is not None
     ]
-    shards = place_instance(card, state, command, ctx.new_runner_ids, ctx.default_engine)
-    if isinstance(shards, PlacementError):
-        return Rejection(code="placement_failed", message=shards.reason)
+    if command.stages is not None:
+        # The manual branch: the user's split, validated (exo.master.manual_split), not costed.
+        shards = validate_manual_split(card, state, command.stages, ctx.new_runner_ids)
+        if isinstance(shards, SplitRejected):
+            return Rejection(code="invalid_split", message=shards.describe())
+        instance = Instance(
+            instance_id=ctx.new_instance_id,
+            model_id=command.model_id,
+            shards=shards,
+            created_at_ms=ctx.now_ms,
+        )
+        return Decision(
+            events=(*cleanup, InstanceCreated(instance=instance)), created_id=instance.instance_id
+        )
+    # The automatic branch: the CP-SAT solver over the state's devices and links.
+    placed = auto_place(card, state, command, ctx.new_runner_ids, ctx.default_engine)
+    if isinstance(placed, PlacementError):
+        return Rejection(code="placement_failed", message=placed.reason)
     instance = Instance(
         instance_id=ctx.new_instance_id,
         model_id=command.model_id,
-        shards=shards,
+        shards=placed.shards,
         created_at_ms=ctx.now_ms,
+        prediction=placed.prediction,
     )
     return Decision(
         events=(*cleanup, InstanceCreated(instance=instance)), created_id=instance.instance_id

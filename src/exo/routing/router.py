@@ -1,7 +1,7 @@
-"""Publish/subscribe between a node's components, the seam the cluster mesh plugs into.
+"""Publish/subscribe between a node's components.
 
-On one node every topic is delivered in-process. The cluster's mesh transport adds remote
-peers behind the same `publish`/`subscribe`, so no component knows where its peers run.
+On one node every topic is delivered in-process; the cluster service carries messages
+addressed to another node over the mesh, so no component knows where its peers run.
 """
 
 from collections.abc import Generator

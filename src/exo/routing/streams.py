@@ -15,14 +15,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from exo.routing import topics
 from exo.routing.router import Router
-from exo.shared.replica import LogReplica
 from exo.shared.types.events import IndexedEvent, TaskCancelled, TaskCreated, TaskFailed
 from exo.shared.types.ids import InstanceId, NodeId, TaskId
 from exo.shared.types.stream import StreamEnd, StreamError, StreamMessage
+from exo.shared.views import StateView
 
 
 class StreamHub:
-    def __init__(self, *, node_id: NodeId, router: Router, replica: LogReplica) -> None:
+    def __init__(self, *, node_id: NodeId, router: Router, replica: StateView) -> None:
         self._node_id = node_id
         self._router = router
         self._replica = replica
@@ -70,9 +70,11 @@ class StreamHub:
             send.close()
 
     async def _watch_log(self) -> None:
-        async with self._replica.subscribe(self._replica.last_index + 1) as events:
-            async for indexed in events:
-                self._after_event(indexed)
+        while True:  # a subscription ends when the log is replaced by a snapshot: resume
+            async with self._replica.subscribe(self._replica.last_index + 1) as events:
+                async for indexed in events:
+                    self._after_event(indexed)
+            self._after_state()
 
     def _after_event(self, indexed: IndexedEvent) -> None:
         match indexed.event:
@@ -84,6 +86,9 @@ class StreamHub:
                 self._fail(task_id, f"cancelled: {reason}")
             case _:
                 pass
+        self._after_state()
+
+    def _after_state(self) -> None:
         instances = self._replica.state.instances
         for task_id, instance_id in list(self._instance_of.items()):
             instance = instances.get(instance_id)

@@ -1,9 +1,10 @@
 """The pure fold of the event log into `State`: no I/O, no clock, no randomness."""
 
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from exo.shared.types.events import (
+    CommandDecided,
     DeviceInventoryReported,
     DeviceMetricsReported,
     Event,
@@ -11,8 +12,13 @@ from exo.shared.types.events import (
     InstanceCreated,
     InstanceDeleted,
     LinkProfileMeasured,
+    MasterElected,
+    MemberJoined,
+    MemberLeft,
+    MemberTimedOut,
     ModelStoreProgress,
     NodeStarted,
+    RunnerEndpointReported,
     RunnerStatusChanged,
     TaskCancelled,
     TaskCreated,
@@ -22,6 +28,7 @@ from exo.shared.types.events import (
     TaskStarted,
 )
 from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
+from exo.shared.types.instances import MEASURED_WINDOW, InstanceMeasured
 from exo.shared.types.runners import RunnerFailed, RunnerSpawning, RunnerStatus
 from exo.shared.types.state import NodeInfo, State, TaskCounters
 from exo.shared.types.tasks import Task
@@ -70,6 +77,11 @@ def _apply_event(state: State, event: Event) -> State:
             return _delete_instance(state, instance_id, reason)
         case RunnerStatusChanged(runner_id=runner_id, status=status):
             return _runner_status(state, runner_id, status)
+        case RunnerEndpointReported(runner_id=runner_id, endpoint=endpoint):
+            if runner_id not in state.runners:
+                return state  # its instance is already gone
+            endpoints = {**state.runner_endpoints, runner_id: endpoint}
+            return state.model_copy(update={"runner_endpoints": endpoints})
         case TaskCreated(task=task):
             if task.instance_id not in state.instances:
                 return _count_failed(state, 1)
@@ -89,7 +101,8 @@ def _apply_event(state: State, event: Event) -> State:
                     "completion_tokens": state.counters.completion_tokens + completion_tokens,
                 }
             )
-            return state.model_copy(
+            measured = _measure(state, state.tasks[task_id].instance_id, event)
+            return measured.model_copy(
                 update={"tasks": _without(state.tasks, {task_id}), "counters": counters}
             )
         case TaskFailed(task_id=task_id) | TaskCancelled(task_id=task_id):
@@ -106,6 +119,16 @@ def _apply_event(state: State, event: Event) -> State:
         case LinkProfileMeasured(source=source, target=target, profile=profile):
             links = {**state.links, source: {**state.links.get(source, {}), target: profile}}
             return state.model_copy(update={"links": links})
+        case MasterElected(node_id=node_id):
+            return state.model_copy(update={"master": node_id})
+        case MemberJoined(node_id=node_id):
+            return _node_status(state, node_id, "up")
+        case MemberLeft(node_id=node_id):
+            return _node_lost(state, node_id, "left the cluster")
+        case MemberTimedOut(node_id=node_id, silent_ms=silent_ms):
+            return _node_lost(state, node_id, f"timed out (silent for {silent_ms} ms)")
+        case CommandDecided():
+            return state  # read by the consensus core (exactly-once commands), not by state
 
 
 def _device_inventory(state: State, event: DeviceInventoryReported) -> State:
@@ -151,6 +174,33 @@ def _node_started(state: State, event: NodeStarted) -> State:
     return _drop_failed_tasks(state, lost)
 
 
+def _node_status(state: State, node_id: NodeId, status: Literal["up", "down"]) -> State:
+    info = state.nodes.get(node_id)
+    if info is None or info.status == status:
+        return state
+    nodes = {**state.nodes, node_id: info.model_copy(update={"status": status})}
+    return state.model_copy(update={"nodes": nodes})
+
+
+def _node_lost(state: State, node_id: NodeId, why: str) -> State:
+    """A member is gone: its instances fail (to be re-placed), its tasks cannot finish."""
+    state = _node_status(state, node_id, "down")
+    reason = f"node {node_id} {why}"
+    instances = dict(state.instances)
+    failed: set[InstanceId] = set()
+    for instance in state.instances.values():
+        if instance.failed_reason is None and any(s.node_id == node_id for s in instance.shards):
+            instances[instance.instance_id] = instance.model_copy(update={"failed_reason": reason})
+            failed.add(instance.instance_id)
+    state = state.model_copy(update={"instances": instances})
+    lost = {
+        task_id
+        for task_id, task in state.tasks.items()
+        if task.owner == node_id or task.instance_id in failed
+    }
+    return _drop_failed_tasks(state, lost)
+
+
 def _task_runs_on(state: State, task: Task, node_id: NodeId) -> bool:
     instance = state.instances.get(task.instance_id)
     return instance is not None and any(s.node_id == node_id for s in instance.shards)
@@ -184,6 +234,9 @@ def _delete_instance(state: State, instance_id: InstanceId, reason: str) -> Stat
         update={
             "instances": _without(state.instances, {instance_id}),
             "runners": _without(state.runners, {s.runner_id for s in instance.shards}),
+            "runner_endpoints": _without(
+                state.runner_endpoints, {s.runner_id for s in instance.shards}
+            ),
         }
     )
 
@@ -203,6 +256,30 @@ def _drop_failed_tasks(state: State, task_ids: set[TaskId]) -> State:
 def _count_failed(state: State, n: int) -> State:
     counters: TaskCounters = state.counters.model_copy(update={"failed": state.counters.failed + n})
     return state.model_copy(update={"counters": counters})
+
+
+def _measure(state: State, instance_id: InstanceId, event: TaskFinished) -> State:
+    """The instance's measured decode tokens/s: the last MEASURED_WINDOW tasks and their mean.
+
+    A task of fewer than two tokens has no decode rate and is not counted.
+    """
+    instance = state.instances.get(instance_id)
+    if instance is None or event.completion_tokens < 2 or event.decode_tokens_per_s <= 0:
+        return state
+    old = instance.measured
+    recent = (*(old.recent_decode_tokens_per_s if old else ()), event.decode_tokens_per_s)
+    recent = recent[-MEASURED_WINDOW:]
+    total = 0.0
+    for rate in recent:  # left to right, as the dashboard's fold sums
+        total += rate
+    measured = InstanceMeasured(
+        measured_tasks=(old.measured_tasks if old else 0) + 1,
+        last_decode_tokens_per_s=event.decode_tokens_per_s,
+        recent_decode_tokens_per_s=recent,
+        mean_decode_tokens_per_s=total / len(recent),
+    )
+    instance = instance.model_copy(update={"measured": measured})
+    return state.model_copy(update={"instances": {**state.instances, instance_id: instance}})
 
 
 def _without(mapping: dict[K, V], keys: set[K]) -> dict[K, V]:

@@ -173,13 +173,20 @@ def prepare_prompt(
     """The prompt's token ids and the most tokens the request may generate. Errors raise."""
     if not engine.shard.is_full:
         raise ValueError("generate needs a shard holding every layer")
+    return prompt_budget(tokenizer, params, engine.context_length)
+
+
+def prompt_budget(
+    tokenizer: ChatCodec, params: ChatParams, context_length: int
+) -> tuple[list[int], int]:
+    """The prompt's token ids and the most tokens it leaves room for (any pipeline stage)."""
     prompt = tokenizer.encode_chat(params.messages)
     if not prompt:
         raise ValueError("the chat template rendered an empty prompt")
-    room = engine.context_length - len(prompt)
+    room = context_length - len(prompt)
     if room < 1:
         raise ValueError(
-            f"prompt of {len(prompt)} tokens leaves no room in a context of {engine.context_length}"
+            f"prompt of {len(prompt)} tokens leaves no room in a context of {context_length}"
         )
     return prompt, min(params.sampling.max_tokens, room)
 

@@ -6,7 +6,7 @@ from pydantic import Field
 
 from exo.shared.types.base import Frozen
 from exo.shared.types.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
-from exo.shared.types.instances import ShardAssignment
+from exo.shared.types.instances import Instance, ShardAssignment
 from exo.shared.types.runners import SERVING_RUNNER_KINDS
 from exo.shared.types.state import State
 
@@ -20,6 +20,8 @@ class WorkerView(Frozen):
     alive: frozenset[RunnerId] = frozenset()
     # Tasks handed to a local runner and not yet ended there.
     dispatched: dict[TaskId, RunnerId] = Field(default_factory=dict[TaskId, RunnerId])
+    # Pipeline stages already told where their next stage listens.
+    linked: frozenset[RunnerId] = frozenset()
 
 
 class SpawnRunner(Frozen):
@@ -27,6 +29,8 @@ class SpawnRunner(Frozen):
     instance_id: InstanceId
     model_id: ModelId
     shard: ShardAssignment
+    # A stage of a multi-stage instance: it needs a listen port and a link.
+    pipeline: bool = False
 
 
 class StopRunner(Frozen):
@@ -47,7 +51,40 @@ class AbortTask(Frozen):
     runner_id: RunnerId
 
 
-Action = Annotated[SpawnRunner | StopRunner | DispatchTask | AbortTask, Field(discriminator="kind")]
+class LinkStage(Frozen):
+    """Tell a local pipeline stage where the next stage (from the last: the first) listens."""
+
+    kind: Literal["link_stage"] = "link_stage"
+    runner_id: RunnerId
+    host: str
+    port: int
+
+
+Action = Annotated[
+    SpawnRunner | StopRunner | DispatchTask | AbortTask | LinkStage, Field(discriminator="kind")
+]
+
+
+def next_stage_address(
+    state: State, instance: Instance, index: int, node_id: NodeId
+) -> tuple[str, int] | None:
+    """Where stage `index`'s successor in the ring listens, once it reported it; loopback
+    when that stage runs on this node (local hand-offs never leave the machine)."""
+    successor = instance.shards[(index + 1) % len(instance.shards)]
+    endpoint = state.runner_endpoints.get(successor.runner_id)
+    if endpoint is None:
+        return None
+    host = "127.0.0.1" if endpoint.node_id == node_id else endpoint.host
+    return host, endpoint.port
+
+
+def all_serving(state: State, instance: Instance) -> bool:
+    """Every stage's runner is loaded and linked: the instance may take tasks."""
+    for shard in instance.shards:
+        status = state.runners.get(shard.runner_id)
+        if status is None or status.kind not in SERVING_RUNNER_KINDS:
+            return False
+    return True
 
 
 def plan(state: State, view: WorkerView) -> list[Action]:
@@ -68,9 +105,24 @@ def plan(state: State, view: WorkerView) -> list[Action]:
         if instance.failed_reason is None and runner_id not in view.spawned:
             actions.append(
                 SpawnRunner(
-                    instance_id=instance.instance_id, model_id=instance.model_id, shard=shard
+                    instance_id=instance.instance_id,
+                    model_id=instance.model_id,
+                    shard=shard,
+                    pipeline=len(instance.shards) > 1,
                 )
             )
+    for runner_id, (instance, shard) in sorted(mine.items()):
+        if (
+            len(instance.shards) > 1
+            and instance.failed_reason is None
+            and runner_id in view.alive
+            and runner_id not in view.linked
+        ):
+            address = next_stage_address(
+                state, instance, instance.shards.index(shard), view.node_id
+            )
+            if address is not None:
+                actions.append(LinkStage(runner_id=runner_id, host=address[0], port=address[1]))
     for task_id, runner_id in sorted(view.dispatched.items()):
         if task_id not in state.tasks:
             actions.append(AbortTask(task_id=task_id, runner_id=runner_id))
@@ -81,12 +133,12 @@ def plan(state: State, view: WorkerView) -> list[Action]:
         if instance is None or instance.failed_reason is not None:
             continue
         first = instance.shards[0]
-        status = state.runners.get(first.runner_id)
+        # A pipeline takes tasks once every stage serves (wherever it runs); the first
+        # stage's node dispatches, the others learn of the task from its BEGIN frame.
         if (
             first.node_id == view.node_id
             and first.runner_id in view.alive
-            and status is not None
-            and status.kind in SERVING_RUNNER_KINDS
+            and all_serving(state, instance)
         ):
             actions.append(DispatchTask(task_id=task.task_id, runner_id=first.runner_id))
     return actions

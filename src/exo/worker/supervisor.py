@@ -5,6 +5,7 @@ is the runner's log. A runner that exits unasked, or does not load in time, is r
 as RunnerFailed with the reason, and every task it held ends with a StreamError.
 """
 
+import os
 import subprocess
 import sys
 import time
@@ -18,8 +19,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from loguru import logger
 
 from exo.routing import topics
-from exo.routing.emitter import EventEmitter
 from exo.routing.router import Router
+from exo.shared.types.base import Frozen
 from exo.shared.types.events import (
     RunnerStatusChanged,
     TaskFailed,
@@ -32,16 +33,21 @@ from exo.shared.types.instances import ShardAssignment
 from exo.shared.types.runners import RunnerFailed, RunnerLoading, RunnerStatus, RunnerStopped
 from exo.shared.types.stream import StreamEnd, StreamError, StreamMessage, TokenChunk
 from exo.shared.types.tasks import Task
+from exo.shared.views import EventSink
 from exo.worker.runner.protocol import (
     FROM_RUNNER,
     HEADER_BYTES,
     TO_RUNNER,
     Cancel,
+    ConnectNext,
     FrameError,
+    FromRunnerMessage,
     Generate,
     GenerationStarted,
     LoadShard,
     Shutdown,
+    StageJoined,
+    StageLeft,
     StatusReport,
     ToRunner,
     encode_frame,
@@ -53,10 +59,33 @@ _STOP_GRACE_S = 5.0
 
 
 class _InFlight:
-    def __init__(self, task: Task) -> None:
-        self.task = task
+    def __init__(self, task_id: TaskId, owner: NodeId, dispatched: bool) -> None:
+        self.task_id = task_id
+        # The node whose API holds the client: tokens and errors are published to it.
+        self.owner = owner
+        # Handed to this runner by its worker (a first stage); else joined in-band (BEGIN).
+        self.dispatched = dispatched
         self.dispatched_at = time.monotonic()
         self.first_token_seen = False
+
+
+class StageLink(Frozen):
+    """A pipeline stage's listen address (the worker allocates the port)."""
+
+    bind_host: str
+    port: int
+    step_timeout_s: float
+
+
+def runner_env(device: str) -> dict[str, str]:
+    """The runner's environment: a "cuda:<i>" shard sees only that GPU, a "cpu" shard none
+    (so a torch stage pinned to the CPU stays there on a machine with GPUs)."""
+    env = dict(os.environ)
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif device.startswith("cuda:") and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = device.removeprefix("cuda:")
+    return env
 
 
 class RunnerSupervisor:
@@ -65,12 +94,18 @@ class RunnerSupervisor:
         *,
         shard: ShardAssignment,
         model_dir: Path,
-        emitter: EventEmitter,
+        emitter: EventSink,
         router: Router,
         load_timeout_s: float,
         on_change: Callable[[], None],
+        link: StageLink | None = None,
     ) -> None:
         self.runner_id: RunnerId = shard.runner_id
+        self._link = link
+        # Pipeline stages: where the next stage listens, sent once the shard is loading.
+        self._next: ConnectNext | None = None
+        self._load_sent = False
+        self.linked_to: tuple[str, int] | None = None
         self._shard = shard
         self._model_dir = model_dir
         self._emitter = emitter
@@ -87,7 +122,14 @@ class RunnerSupervisor:
 
     @property
     def in_flight(self) -> dict[TaskId, NodeId]:
-        return {task_id: f.task.owner for task_id, f in self._in_flight.items()}
+        return {task_id: f.owner for task_id, f in self._in_flight.items()}
+
+    @property
+    def dispatched(self) -> set[TaskId]:
+        """Tasks this worker handed to the runner: only these are cancelled from the control
+        plane (a later stage may join a task before its node applied the task's creation;
+        cancellation reaches it in-band, as an END frame from the first stage)."""
+        return {task_id for task_id, f in self._in_flight.items() if f.dispatched}
 
     async def run(self) -> None:
         """Start the runner and supervise it until it exits; never raises for runner faults."""
@@ -98,6 +140,7 @@ class RunnerSupervisor:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
+                env=runner_env(self._shard.device),
             )
         except OSError as exc:
             await self._report_exit(f"could not start runner: {exc}")
@@ -112,6 +155,7 @@ class RunnerSupervisor:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._pump_stderr, process, stderr_done)
                 tg.start_soon(self._watch_load)
+                link = self._link
                 await self._send(
                     LoadShard(
                         model_dir=str(self._model_dir),
@@ -119,8 +163,14 @@ class RunnerSupervisor:
                         start_layer=self._shard.start_layer,
                         end_layer=self._shard.end_layer,
                         n_layers=self._shard.n_layers,
+                        listen_host=None if link is None else link.bind_host,
+                        listen_port=None if link is None else link.port,
+                        step_timeout_s=60.0 if link is None else link.step_timeout_s,
                     )
                 )
+                self._load_sent = True
+                if self._next is not None:
+                    await self._send(self._next)
                 reason = await self._pump_frames(process)
                 code = await process.wait()
                 with anyio.move_on_after(1.0):  # let the last stderr lines explain the exit
@@ -145,7 +195,7 @@ class RunnerSupervisor:
         await self._emitter.emit(RunnerStatusChanged(runner_id=self.runner_id, status=status))
         for task_id, flight in list(self._in_flight.items()):
             message = f"runner failed: {reason}" if reason else "runner stopped"
-            await self._publish(flight.task, StreamError(task_id=task_id, message=message))
+            await self._publish(flight.owner, StreamError(task_id=task_id, message=message))
         self._in_flight.clear()
         self._on_change()
 
@@ -186,10 +236,15 @@ class RunnerSupervisor:
                 return f"runner sent a malformed frame: {exc}"
             await self._handle(message)
 
-    async def _handle(
-        self, message: StatusReport | GenerationStarted | TokenChunk | StreamEnd | StreamError
-    ) -> None:
+    async def _handle(self, message: FromRunnerMessage) -> None:
         match message:
+            case StageJoined(task_id=task_id, owner=owner):
+                if task_id not in self._in_flight:
+                    self._in_flight[task_id] = _InFlight(task_id, owner, dispatched=False)
+                    self._on_change()
+            case StageLeft(task_id=task_id):
+                if self._in_flight.pop(task_id, None) is not None:
+                    self._on_change()
             case StatusReport(status=status):
                 if isinstance(status, RunnerLoading):
                     if status.progress < 1.0 and status.progress - self._last_progress < 0.1:
@@ -209,7 +264,7 @@ class RunnerSupervisor:
                 flight = self._in_flight.get(task_id)
                 if flight is None:
                     return
-                await self._publish(flight.task, message)
+                await self._publish(flight.owner, message)
                 if not flight.first_token_seen:
                     flight.first_token_seen = True
                     ttft = (time.monotonic() - flight.dispatched_at) * 1000
@@ -220,7 +275,7 @@ class RunnerSupervisor:
                 flight = self._in_flight.pop(task_id, None)
                 if flight is None:
                     return
-                await self._publish(flight.task, message)
+                await self._publish(flight.owner, message)
                 await self._emitter.emit(
                     TaskFinished(
                         task_id=task_id,
@@ -235,14 +290,12 @@ class RunnerSupervisor:
                 flight = self._in_flight.pop(task_id, None)
                 if flight is None:
                     return
-                await self._publish(flight.task, message)
+                await self._publish(flight.owner, message)
                 await self._emitter.emit(TaskFailed(task_id=task_id, reason=message.message))
                 self._on_change()
 
-    async def _publish(self, task: Task, message: StreamMessage) -> None:
-        await self._router.publish(
-            topics.TOKENS, topics.AddressedStream(to=task.owner, message=message)
-        )
+    async def _publish(self, owner: NodeId, message: StreamMessage) -> None:
+        await self._router.publish(topics.TOKENS, topics.AddressedStream(to=owner, message=message))
 
     async def _send(self, message: ToRunner) -> None:
         process = self._process
@@ -251,11 +304,22 @@ class RunnerSupervisor:
         await process.stdin.send(encode_frame(TO_RUNNER.dump_json(message)))
 
     async def dispatch(self, task: Task) -> None:
-        self._in_flight[task.task_id] = _InFlight(task)
+        self._in_flight[task.task_id] = _InFlight(task.task_id, task.owner, dispatched=True)
         try:
-            await self._send(Generate(task_id=task.task_id, params=task.params))
+            await self._send(Generate(task_id=task.task_id, params=task.params, owner=task.owner))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             return  # the exit path reports it with the runner's reason
+
+    async def connect_next(self, host: str, port: int) -> None:
+        """Tell a pipeline stage where the next stage listens (once its shard is loading)."""
+        self.linked_to = (host, port)
+        self._next = ConnectNext(host=host, port=port)
+        if not self._load_sent:
+            return  # sent right after LoadShard
+        try:
+            await self._send(self._next)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return
 
     async def abort(self, task_id: TaskId) -> None:
         flight = self._in_flight.get(task_id)

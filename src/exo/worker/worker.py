@@ -8,22 +8,27 @@ from anyio.abc import TaskGroup
 from loguru import logger
 
 from exo.models.progress import ConsoleProgress
-from exo.routing.emitter import EventEmitter
 from exo.routing.router import Router
-from exo.shared.replica import LogReplica
-from exo.shared.types.events import ModelStoreProgress, RunnerStatusChanged
+from exo.shared.types.events import (
+    ModelStoreProgress,
+    RunnerEndpointReported,
+    RunnerStatusChanged,
+)
 from exo.shared.types.ids import ModelId, NodeId, RunnerId
-from exo.shared.types.runners import RunnerFailed
+from exo.shared.types.runners import RunnerEndpoint, RunnerFailed
+from exo.shared.views import EventSink, StateView
+from exo.worker.pipeline.links import bind_host, free_port
 from exo.worker.plan import (
     AbortTask,
     Action,
     DispatchTask,
+    LinkStage,
     SpawnRunner,
     StopRunner,
     WorkerView,
     plan,
 )
-from exo.worker.supervisor import RunnerSupervisor
+from exo.worker.supervisor import RunnerSupervisor, StageLink
 
 # Model preparation progress is reported at most this often (fraction of the bytes).
 _PROGRESS_STEP = 0.1
@@ -42,13 +47,18 @@ class Worker:
         self,
         *,
         node_id: NodeId,
-        replica: LogReplica,
-        emitter: EventEmitter,
+        replica: StateView,
+        emitter: EventSink,
         router: Router,
         models: ModelPreparer,
         load_timeout_s: float,
+        advertise_host: str = "127.0.0.1",
+        step_timeout_s: float = 60.0,
     ) -> None:
         self._node_id = node_id
+        # Where other nodes reach this node's pipeline stages (see pipeline.links).
+        self._advertise_host = advertise_host
+        self._step_timeout_s = step_timeout_s
         self._replica = replica
         self._emitter = emitter
         self._router = router
@@ -63,13 +73,14 @@ class Worker:
         dispatched = {
             task_id: runner_id
             for runner_id, sup in self._supervisors.items()
-            for task_id in sup.in_flight
+            for task_id in sup.dispatched
         }
         return WorkerView(
             node_id=self._node_id,
             spawned=frozenset(self._spawned),
             alive=frozenset(r for r, s in self._supervisors.items() if s.alive),
             dispatched=dispatched,
+            linked=frozenset(r for r, s in self._supervisors.items() if s.linked_to is not None),
         )
 
     def _poke(self) -> None:
@@ -118,6 +129,10 @@ class Worker:
                 sup = self._supervisors.get(runner_id)
                 if sup is not None:
                     await sup.abort(task_id)
+            case LinkStage(runner_id=runner_id, host=host, port=port):
+                sup = self._supervisors.get(runner_id)
+                if sup is not None:
+                    await sup.connect_next(host, port)
 
     async def _spawn(self, action: SpawnRunner) -> None:
         runner_id = action.shard.runner_id
@@ -132,6 +147,7 @@ class Worker:
                 )
             )
             return
+        link = await self._stage_link(runner_id) if action.pipeline else None
         sup = RunnerSupervisor(
             shard=action.shard,
             model_dir=model_dir,
@@ -139,6 +155,7 @@ class Worker:
             router=self._router,
             load_timeout_s=self._load_timeout_s,
             on_change=self._poke,
+            link=link,
         )
         self._supervisors[runner_id] = sup
         try:
@@ -146,6 +163,15 @@ class Worker:
         finally:
             del self._supervisors[runner_id]
             self._poke()
+
+    async def _stage_link(self, runner_id: RunnerId) -> StageLink:
+        """Allocate a pipeline stage's listen port and report it in state; the runner binds
+        it before loading, so its neighbours link up while it loads."""
+        bind = bind_host(self._advertise_host)
+        port = free_port(bind)
+        endpoint = RunnerEndpoint(node_id=self._node_id, host=self._advertise_host, port=port)
+        await self._emitter.emit(RunnerEndpointReported(runner_id=runner_id, endpoint=endpoint))
+        return StageLink(bind_host=bind, port=port, step_timeout_s=self._step_timeout_s)
 
     async def _prepare_model(self, model_id: ModelId) -> Path:
         """Convert/download the model into the store once; report progress as events."""

@@ -1,6 +1,7 @@
 """The cost model: per-device layer times, memory caps and hand-off times, compiled once.
 
-Decode is memory-bound: a stage reads its layers' weights and KV cache once per token.
+Decode is memory-bound: a stage reads its layers' weights and KV cache once per token, at
+the share of the device's bandwidth its engine reaches, plus the engine's fixed costs.
 Every formula is written down in docs/placement.md; the solver, the heuristics and the
 predictions all read the same compiled `Problem`, so they can never disagree.
 """
@@ -10,8 +11,9 @@ import itertools
 from pydantic import Field
 
 from exo.shared.types.base import Frozen
+from exo.shared.types.engines import EngineName
 from exo.shared.types.models import ModelCard
-from exo.shared.types.placement import PlacementRequest
+from exo.shared.types.placement import EngineEfficiency, PlacementRequest, engine_for
 from exo.shared.types.topology import ClusterView, DeviceProfile
 
 # Bytes per weight of common storage formats (block formats include their scales).
@@ -55,9 +57,12 @@ class DeviceTerms(Frozen):
     """What one eligible device costs per layer and how many layers it can hold."""
 
     device: DeviceProfile
+    engine: EngineName
     layer_decode_s: float
     head_decode_s: float
     layer_prefill_s: float
+    # Paid once per token by every stage on the device, whatever its layer count.
+    stage_overhead_s: float
     usable_bytes: int
     overhead_bytes: int
     max_layers_middle: int = Field(ge=0)
@@ -90,10 +95,18 @@ class Problem(Frozen):
         return self.devices[i].device.node_id == self.devices[j].device.node_id
 
 
-def _roofline(read_bytes: float, flops: float, device: DeviceProfile, p: PlacementRequest) -> float:
-    bw = device.memory_bandwidth_bytes_per_s * p.params.bandwidth_efficiency
+def _prefill_roofline(
+    read_bytes: float, flops: float, device: DeviceProfile, bandwidth: float, p: PlacementRequest
+) -> float:
     compute = device.compute_flops * p.params.compute_efficiency
-    return max(read_bytes / bw, flops / compute)
+    return max(read_bytes / bandwidth, flops / compute)
+
+
+def efficiency_of(device: DeviceProfile, request: PlacementRequest) -> EngineEfficiency:
+    # Devices the named engine cannot run on never reach the solver (select_devices); the
+    # fallback only costs the hypothetical devices of explanations, for their memory caps.
+    engine = engine_for(device.kind, request) or request.engine or request.cpu_engine
+    return request.params.efficiency(engine, device.kind)
 
 
 def device_terms(
@@ -106,8 +119,9 @@ def device_terms(
     room = usable - overhead
     middle = max(0, min(card.n_layers, room // per_layer))
     end = max(0, min(card.n_layers, (room - card.bytes_non_layer) // per_layer))
+    eff = efficiency_of(device, request)
+    bandwidth = device.memory_bandwidth_bytes_per_s * eff.bandwidth_fraction
     layer_flops = 2.0 * card.bytes_per_layer / bytes_per_param(card.dtype)
-    head_flops = 2.0 * card.vocab_size * card.hidden_size
     # The output head is the embedding matrix (tied) or a same-sized one: never more than all non-layer bytes.
     head_bytes = min(
         card.bytes_non_layer, card.vocab_size * card.hidden_size * bytes_per_param(card.dtype)
@@ -115,11 +129,19 @@ def device_terms(
     prompt = request.reference_prompt_tokens
     # Decoding at the reference position reads that many tokens of KV cache per layer.
     decode_read = card.bytes_per_layer + card.kv_bytes_per_token_per_layer * prompt
+    # Decode has no compute term: one token is a matrix-vector product (~3 flops per weight
+    # byte at 4 bits), memory-bound on every device, and the engine's measured fraction
+    # already holds whatever else slows it. Prefill is batched matmuls: the roofline.
+    prefill = _prefill_roofline(
+        card.bytes_per_layer, layer_flops * prompt, device, bandwidth, request
+    )
     return DeviceTerms(
         device=device,
-        layer_decode_s=_roofline(decode_read, layer_flops, device, request),
-        head_decode_s=_roofline(head_bytes, head_flops, device, request),
-        layer_prefill_s=_roofline(card.bytes_per_layer, layer_flops * prompt, device, request),
+        engine=eff.engine,
+        layer_decode_s=decode_read / bandwidth + eff.layer_overhead_s,
+        head_decode_s=head_bytes / bandwidth,
+        layer_prefill_s=prefill + eff.layer_overhead_s,
+        stage_overhead_s=eff.token_overhead_s,
         usable_bytes=usable,
         overhead_bytes=overhead,
         max_layers_middle=middle,
@@ -181,7 +203,14 @@ def compile_problem(
 
 def stage_decode_s(problem: Problem, device: int, layers: int, last: bool) -> float:
     terms = problem.devices[device]
-    return layers * terms.layer_decode_s + (terms.head_decode_s if last else 0.0)
+    head = terms.head_decode_s if last else 0.0
+    return terms.stage_overhead_s + layers * terms.layer_decode_s + head
+
+
+def stage_prefill_s(problem: Problem, device: int, layers: int, last: bool) -> float:
+    terms = problem.devices[device]
+    head = terms.head_decode_s if last else 0.0
+    return terms.stage_overhead_s + layers * terms.layer_prefill_s + head
 
 
 def max_layers(problem: Problem, device: int, end: bool) -> int:
@@ -234,10 +263,8 @@ def objective_s(problem: Problem, split: Split) -> tuple[float, float]:
 
 def ttft_s(problem: Problem, split: Split) -> float:
     """Reference prompt through every stage in turn, then the first token's return."""
-    total = 0.0
-    for k, (d, n) in enumerate(split):
-        terms = problem.devices[d]
-        total += n * terms.layer_prefill_s + (terms.head_decode_s if k == len(split) - 1 else 0.0)
+    last = len(split) - 1
+    total = sum(stage_prefill_s(problem, d, n, k == last) for k, (d, n) in enumerate(split))
     for (a, _), (b, _) in itertools.pairwise(split):
         total += _known(problem.handoff_prefill_s[a][b])
     return total + _known(problem.return_s[split[-1][0]][split[0][0]])

@@ -10,7 +10,7 @@ CP-SAT propagates and relaxes well. Costs are integers in nanoseconds.
 import time
 from itertools import pairwise
 
-from exo.master.solver.cost import Problem, Split
+from exo.master.solver.cost import DeviceTerms, Problem, Split
 from exo.master.solver.ortools_adapter import LinearModel, Solution, SolveStatus, Terms
 from exo.shared.types.base import Frozen
 
@@ -175,19 +175,28 @@ def canonical(problem: Problem, split: Split) -> Split:
 def _latency_terms(problem: Problem, v: _Vars) -> list[tuple[int, int]]:
     terms: list[tuple[int, int]] = []
     for d, t in enumerate(problem.devices):
-        terms += [(_ns(t.layer_decode_s), v.layers[d]), (_ns(t.head_decode_s), v.last[d])]
+        terms += _stage_terms(t, v, d)
     terms += [(_ns(problem.handoff_s[i][j] or 0.0), x) for i, j, x in v.arcs]
     return [*terms, (1, v.ret)]
 
 
+def _stage_terms(t: DeviceTerms, v: _Vars, d: int) -> Terms:
+    """A stage's time per token: its layers, the head when last, its fixed cost when active."""
+    return [
+        (_ns(t.layer_decode_s), v.layers[d]),
+        (_ns(t.head_decode_s), v.last[d]),
+        (_ns(t.stage_overhead_s), v.active[d]),
+    ]
+
+
 def _bottleneck(problem: Problem, m: LinearModel, v: _Vars) -> int:
     top = sum(
-        _ns(t.layer_decode_s) * t.max_layers_middle + _ns(t.head_decode_s) for t in problem.devices
+        _ns(t.layer_decode_s) * t.max_layers_middle + _ns(t.head_decode_s) + _ns(t.stage_overhead_s)
+        for t in problem.devices
     )
     neck = m.new_int(_stage_lower_bound(problem), max(top, 1), "bottleneck")
     for d, t in enumerate(problem.devices):
-        stage: Terms = [(_ns(t.layer_decode_s), v.layers[d]), (_ns(t.head_decode_s), v.last[d])]
-        m.add_ge([(1, neck), *[(-c, x) for c, x in stage]], 0)
+        m.add_ge([(1, neck), *[(-c, x) for c, x in _stage_terms(t, v, d)]], 0)
     for i, j, x in v.arcs:
         m.add_ge([(1, neck), (-_ns(problem.occupancy_s[i][j] or 0.0), x)], 0)
     return neck
@@ -278,8 +287,7 @@ def _left(deadline: float) -> float:
 
 def _hinted_bottleneck(problem: Problem, v: _Vars, hint: dict[int, int]) -> int:
     stages = [
-        _ns(t.layer_decode_s) * hint[v.layers[d]] + _ns(t.head_decode_s) * hint[v.last[d]]
-        for d, t in enumerate(problem.devices)
+        sum(c * hint[x] for c, x in _stage_terms(t, v, d)) for d, t in enumerate(problem.devices)
     ]
     links = [_ns(problem.occupancy_s[i][j] or 0.0) * hint[x] for i, j, x in v.arcs]
     return max([_stage_lower_bound(problem), *stages, *links])

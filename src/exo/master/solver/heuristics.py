@@ -76,7 +76,12 @@ def _fill_fastest(problem: Problem, order: tuple[int, ...], caps: list[int]) -> 
 def _level_bottleneck(problem: Problem, order: tuple[int, ...], caps: list[int]) -> list[int]:
     last = len(order) - 1
     cost = [problem.devices[d].layer_decode_s for d in order]
-    head = [problem.devices[d].head_decode_s if k == last else 0.0 for k, d in enumerate(order)]
+    # Each stage's fixed part: its per-token overhead, and the output head on the last.
+    head = [
+        problem.devices[d].stage_overhead_s
+        + (problem.devices[d].head_decode_s if k == last else 0.0)
+        for k, d in enumerate(order)
+    ]
 
     def counts_within(bound: float) -> list[int]:
         # A small epsilon keeps a stage whose time equals the bound exactly.

@@ -20,6 +20,7 @@ from exo.shared.types.placement import (
     PlacementPreview,
     PlacementRequest,
     SolverStatus,
+    engine_for,
 )
 from exo.shared.types.topology import ClusterView, DeviceProfile
 
@@ -43,6 +44,7 @@ def select_devices(
         return PlacementError(reason=f"include lists name unknown nodes or devices: {unknown}")
     chosen: list[DeviceProfile] = []
     left: list[DeviceProfile] = []
+    unrunnable: list[DeviceProfile] = []
     for d in cluster.devices:
         allowed = (
             (request.include_nodes is None or d.node_id in request.include_nodes)
@@ -50,10 +52,18 @@ def select_devices(
             and d.node_id not in request.exclude_nodes
             and d.device_id not in request.exclude_devices
         )
-        (chosen if allowed else left).append(d)
+        if not allowed:
+            left.append(d)
+        elif engine_for(d.kind, request) is None:
+            unrunnable.append(d)
+        else:
+            chosen.append(d)
     # A canonical order: the answer must not depend on the order telemetry listed devices in.
     chosen.sort(key=lambda d: (d.node_id, d.device_id))
-    return tuple(chosen), excluded(tuple(left), "excluded by the request")
+    reasons = excluded(tuple(left), "excluded by the request")
+    if unrunnable:
+        reasons += excluded(tuple(unrunnable), f"engine {request.engine} does not run on it")
+    return tuple(chosen), reasons
 
 
 def _problem(

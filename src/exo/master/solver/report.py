@@ -1,6 +1,14 @@
 """Turn a split into the explained `Placement`: layer ranges, stage times, memory per device."""
 
-from exo.master.solver.cost import Problem, Split, bottleneck_s, latency_s, ttft_s
+from exo.master.solver.cost import (
+    Problem,
+    Split,
+    bottleneck_s,
+    latency_s,
+    stage_decode_s,
+    stage_prefill_s,
+    ttft_s,
+)
 from exo.shared.types.placement import (
     MemoryUse,
     Placement,
@@ -45,14 +53,13 @@ def to_placement(
                 device_id=terms.device.device_id,
                 node_id=terms.device.node_id,
                 device_name=terms.device.name,
+                engine=terms.engine,
                 start_layer=at,
                 end_layer=at + n,
                 holds_embedding=k == 0,
                 holds_head=k == last,
-                decode_time_s=n * terms.layer_decode_s
-                + (terms.head_decode_s if k == last else 0.0),
-                prefill_time_s=n * terms.layer_prefill_s
-                + (terms.head_decode_s if k == last else 0.0),
+                decode_time_s=stage_decode_s(problem, d, n, k == last),
+                prefill_time_s=stage_prefill_s(problem, d, n, k == last),
                 handoff_s=hop or 0.0,
                 handoff_local=problem.local(d, nxt),
                 memory=memory_use(problem, d, n, end=k in (0, last)),

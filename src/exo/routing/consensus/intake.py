@@ -3,7 +3,7 @@
 from collections.abc import Iterable, Mapping, Sequence
 
 from exo.master.decide import Decision, Rejection
-from exo.routing.consensus.entries import ClusterEvent, CommandDecided, LogEntry
+from exo.routing.consensus.entries import CommandDecided, LogEntry
 from exo.shared.types.commands import (
     CommandAccepted,
     CommandEnvelope,
@@ -29,10 +29,10 @@ def in_order_new(
 
 def command_events(
     outcome: Decision | Rejection, envelope: CommandEnvelope, first_index: int
-) -> list[Event | ClusterEvent]:
+) -> list[Event]:
     """The command's events, then its `CommandDecided` (whose index the reply names)."""
     reply: CommandReply
-    events: list[Event | ClusterEvent]
+    events: list[Event]
     if isinstance(outcome, Decision):
         events = list(outcome.events)
         reply = CommandAccepted(

@@ -22,7 +22,6 @@ from typing import Literal, NamedTuple
 from exo.master.decide import Decision, Rejection
 from exo.routing.consensus.config import ConsensusConfig
 from exo.routing.consensus.entries import (
-    ClusterEvent,
     CommandDecided,
     LogEntry,
     MasterElected,
@@ -698,7 +697,7 @@ class ConsensusNode:
 
     def _append_own(
         self,
-        events: Sequence[Event | ClusterEvent],
+        events: Sequence[Event],
         origin: EventOrigin | None = None,
         seq: int | None = None,
     ) -> int:

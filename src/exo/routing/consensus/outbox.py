@@ -6,7 +6,10 @@ leave when their `CommandDecided` entry is committed (or the master's reply arri
 when their bound runs out.
 """
 
-from dataclasses import dataclass
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import islice
 
 from exo.routing.consensus.messages import ForwardCommands, ForwardLocalEvents, SequencedCommand
 from exo.shared.types.commands import CommandEnvelope, CommandRejected, CommandReply
@@ -24,6 +27,15 @@ class _PendingEvent:
 
 
 @dataclass
+class _OriginQueue:
+    """One producer's pending events in seq order; `unsent` indexes the first one never
+    sent. Every operation is O(events touched), not O(events pending)."""
+
+    pending: deque[_PendingEvent] = field(default_factory=deque[_PendingEvent])
+    unsent: int = 0
+
+
+@dataclass
 class _PendingCommand:
     seq: int
     envelope: CommandEnvelope
@@ -36,11 +48,12 @@ class Outbox:
         self.command_origin = command_origin
         self._next_seq = next_command_seq
         self._batch = batch
-        self._events: dict[tuple[EventOrigin, int], _PendingEvent] = {}
+        self._window = 4 * batch
+        self._events: dict[EventOrigin, _OriginQueue] = {}
         self._commands: dict[CommandId, _PendingCommand] = {}
 
     def __len__(self) -> int:
-        return len(self._events) + len(self._commands)
+        return sum(len(q.pending) for q in self._events.values()) + len(self._commands)
 
     def resume_after(self, seq: int) -> None:
         """Commands this origin sent before a restart are in the log up to `seq`."""
@@ -48,8 +61,17 @@ class Outbox:
 
     def add_events(self, events: list[LocalEvent], state: State) -> None:
         for event in events:
-            if event.origin_seq > state.origin_seqs.get(event.origin, -1):
-                self._events.setdefault((event.origin, event.origin_seq), _PendingEvent(event))
+            if event.origin_seq <= state.origin_seqs.get(event.origin, -1):
+                continue  # indexed already
+            queue = self._events.setdefault(event.origin, _OriginQueue())
+            if not queue.pending or event.origin_seq > queue.pending[-1].event.origin_seq:
+                queue.pending.append(_PendingEvent(event))  # the usual case: in order
+                continue
+            seqs = [p.event.origin_seq for p in queue.pending]
+            at = bisect.bisect_left(seqs, event.origin_seq)
+            if seqs[at] != event.origin_seq:  # not held yet: an earlier one, late
+                queue.pending.insert(at, _PendingEvent(event))
+                queue.unsent = min(queue.unsent, at)
 
     def add_command(self, envelope: CommandEnvelope, deadline: int) -> None:
         if envelope.command_id in self._commands:
@@ -59,9 +81,13 @@ class Outbox:
 
     def prune(self, state: State) -> None:
         """Forget local events the applied state has indexed."""
-        done = [key for key in self._events if key[1] <= state.origin_seqs.get(key[0], -1)]
-        for key in done:
-            del self._events[key]
+        for origin, queue in list(self._events.items()):
+            acked = state.origin_seqs.get(origin, -1)
+            while queue.pending and queue.pending[0].event.origin_seq <= acked:
+                queue.pending.popleft()
+                queue.unsent = max(0, queue.unsent - 1)
+            if not queue.pending:
+                del self._events[origin]
 
     def answered(self, reply: CommandReply) -> bool:
         return self._commands.pop(reply.command_id, None) is not None
@@ -84,23 +110,38 @@ class Outbox:
 
     def resend_all(self) -> None:
         """A new master: send everything again at once."""
-        for pending in (*self._events.values(), *self._commands.values()):
-            pending.sent_at = _NEVER
+        for queue in self._events.values():
+            queue.unsent = 0
+            if queue.pending:
+                queue.pending[0].sent_at = _NEVER
+        for command in self._commands.values():
+            command.sent_at = _NEVER
 
     def due_events(self, now: int, resend_ticks: int) -> ForwardLocalEvents | None:
-        """Per origin, from its first unsent or stale event on, in seq order: the master
-        takes only the next expected seq, so a re-send carries the ones after it too."""
+        """Per origin in seq order: from its first event when that one is stale (the
+        master takes only the next expected seq, so a re-send carries the ones after it
+        too), else from its first never-sent one."""
         chosen: list[_PendingEvent] = []
-        sending: set[EventOrigin] = set()
-        for (origin, _seq), pending in sorted(self._events.items()):
-            if origin in sending or now - pending.sent_at >= resend_ticks:
-                sending.add(origin)
-                chosen.append(pending)
-        chosen = chosen[: self._batch]
+        for _origin, queue in sorted(self._events.items()):
+            room = self._batch - len(chosen)
+            if room <= 0:
+                break
+            if now - queue.pending[0].sent_at >= resend_ticks:
+                start = 0
+            elif queue.unsent < min(len(queue.pending), self._window):
+                start = queue.unsent
+                # Flow control: at most `window` sent and not yet indexed per producer,
+                # so a burst cannot overrun the link and turn into gaps the master drops.
+                room = min(room, self._window - start)
+            else:
+                continue
+            taken = list(islice(queue.pending, start, start + room))
+            for p in taken:
+                p.sent_at = now
+            queue.unsent = max(queue.unsent, start + len(taken))
+            chosen.extend(taken)
         if not chosen:
             return None
-        for p in chosen:
-            p.sent_at = now
         return ForwardLocalEvents(events=tuple(p.event for p in chosen))
 
     def due_commands(self, now: int, resend_ticks: int) -> ForwardCommands | None:

@@ -215,6 +215,49 @@ class EventLogFile:
         logger.error(f"{self._path}: append failed at offset {start} and was undone: {cause}")
         raise EventLogWriteError(f"{self._path}: append not durable: {cause}") from cause
 
+    def truncate_after(self, index: int) -> None:
+        """Drop every record with a greater index (a deposed master's uncommitted tail).
+
+        Durable when this returns. Records at or below a compaction point cannot go.
+        """
+        self._require_open()
+        if index < self._base - 1:
+            raise EventLogCompacted(index + 1, self._base)
+        keep = index + 1 - self._base
+        if keep >= len(self._offsets):
+            return
+        assert self._fd is not None
+        cut = self._offsets[keep]
+        try:
+            os.ftruncate(self._fd, cut)
+            if self._durable:
+                sync(self._fd)
+        except OSError as exc:
+            self._broken = True
+            raise EventLogWriteError(f"{self._path}: truncation failed: {exc}") from exc
+        del self._offsets[keep:]
+        self._end = cut
+
+    def reset(self, base: int) -> None:
+        """Drop every record; the log continues at `base` (after a snapshot from a peer
+        replaced this node's whole log). Write that snapshot first."""
+        self._require_open()
+        if base < 0:
+            raise ValueError(f"bad base index {base}")
+        try:
+            atomic_write(self._path, [encode_file_header(base)], durable=self._durable)
+            new_fd = os.open(self._path, os.O_RDWR)
+        except OSError as exc:
+            self._broken = True
+            raise EventLogWriteError(f"{self._path}: reset failed: {exc}") from exc
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = new_fd
+        self._offsets = array("Q")
+        self._end = FILE_HEADER_SIZE
+        self._base = base
+        self._broken = False
+
     # -- snapshots and compaction -----------------------------------------------------
 
     def write_snapshot(self, index: int, payload: bytes) -> None:

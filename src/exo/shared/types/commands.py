@@ -10,12 +10,27 @@ from exo.shared.types.ids import CommandId, InstanceId, ModelId, NodeId, TaskId
 from exo.shared.types.instances import EngineName
 
 
+class PinnedStage(Frozen):
+    """One stage of a manual split: layers [start_layer, end_layer) on a node's device.
+
+    `engine` is a plain string so that a wrong name gets the master's typed rejection
+    (`exo.master.manual_split`) rather than a parse error."""
+
+    node_id: NodeId
+    device: str = "cpu"
+    engine: str
+    start_layer: int
+    end_layer: int
+
+
 class PlaceInstance(Frozen):
     kind: Literal["place_instance"] = "place_instance"
     model_id: ModelId
     # Pin to one node (None: the master chooses).
     node_id: NodeId | None = None
     engine: EngineName | None = None
+    # A manual split in pipeline order (None: the master chooses); always a new instance.
+    stages: tuple[PinnedStage, ...] | None = None
 
 
 class DeleteInstance(Frozen):
@@ -56,6 +71,8 @@ RejectionCode = Literal[
     "placement_failed",
     "not_master",
     "invalid",
+    # A manual split that is not contiguous, misses layers, names unknown nodes/engines...
+    "invalid_split",
     # The master could not make the command's events durable (disk full, I/O error).
     "unavailable",
 ]

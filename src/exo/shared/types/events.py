@@ -6,9 +6,10 @@ from pydantic import Field
 
 from exo.shared.types.base import Frozen
 from exo.shared.types.chat import FinishReason
+from exo.shared.types.commands import CommandReply
 from exo.shared.types.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import Instance
-from exo.shared.types.runners import RunnerStatus
+from exo.shared.types.runners import RunnerEndpoint, RunnerStatus
 from exo.shared.types.tasks import Task
 from exo.shared.types.telemetry import DeviceMetrics, DeviceSpec, LinkProfile
 
@@ -42,6 +43,14 @@ class RunnerStatusChanged(Frozen):
     kind: Literal["runner_status_changed"] = "runner_status_changed"
     runner_id: RunnerId
     status: RunnerStatus
+
+
+class RunnerEndpointReported(Frozen):
+    """A pipeline stage's runner listens here (before it loads: its neighbours link up)."""
+
+    kind: Literal["runner_endpoint_reported"] = "runner_endpoint_reported"
+    runner_id: RunnerId
+    endpoint: RunnerEndpoint
 
 
 class TaskCreated(Frozen):
@@ -119,11 +128,54 @@ class LinkProfileMeasured(Frozen):
     profile: LinkProfile
 
 
+# --- the cluster's own events (membership, election, command outcomes) -------------------
+
+
+class MemberJoined(Frozen):
+    """A node became a voting member (after it caught up with the log)."""
+
+    kind: Literal["member_joined"] = "member_joined"
+    node_id: NodeId
+
+
+class MemberLeft(Frozen):
+    """A node asked to leave; it no longer votes or counts towards a quorum."""
+
+    kind: Literal["member_left"] = "member_left"
+    node_id: NodeId
+
+
+class MemberTimedOut(Frozen):
+    """The master heard nothing from a member for the timeout; it stops counting it."""
+
+    kind: Literal["member_timed_out"] = "member_timed_out"
+    node_id: NodeId
+    silent_ms: int = Field(ge=0)
+
+
+class MasterElected(Frozen):
+    """First entry of every master's term (raft's no-op): commits the tail it inherited."""
+
+    kind: Literal["master_elected"] = "master_elected"
+    node_id: NodeId
+    term: int = Field(ge=1)
+
+
+class CommandDecided(Frozen):
+    """A command's outcome, after its events: makes commands exactly-once across failover."""
+
+    kind: Literal["command_decided"] = "command_decided"
+    # The node whose API sent the command: the master sends it the reply on commit.
+    node_id: NodeId
+    reply: CommandReply
+
+
 Event = Annotated[
     NodeStarted
     | InstanceCreated
     | InstanceDeleted
     | RunnerStatusChanged
+    | RunnerEndpointReported
     | TaskCreated
     | TaskStarted
     | TaskFirstToken
@@ -133,7 +185,12 @@ Event = Annotated[
     | ModelStoreProgress
     | DeviceInventoryReported
     | DeviceMetricsReported
-    | LinkProfileMeasured,
+    | LinkProfileMeasured
+    | MemberJoined
+    | MemberLeft
+    | MemberTimedOut
+    | MasterElected
+    | CommandDecided,
     Field(discriminator="kind"),
 ]
 

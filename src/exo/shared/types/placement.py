@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from exo.shared.types.base import Frozen
+from exo.shared.types.engines import ENGINE_DEVICE_KINDS, EngineName
 from exo.shared.types.ids import ModelId, NodeId
 from exo.shared.types.topology import DeviceId, DeviceKind
 
@@ -15,10 +16,51 @@ GIB = 1 << 30
 MIB = 1 << 20
 
 
+class EngineEfficiency(Frozen):
+    """How close one engine gets to a device kind's memory-bandwidth roofline when decoding.
+
+    Calibrated by `bench/placement/calibrate.py`; the figures and their sources are in
+    docs/placement.md ("Calibration").
+    """
+
+    engine: EngineName
+    kind: DeviceKind
+    # Share of the device's bandwidth figure a decode step's weight reads reach.
+    bandwidth_fraction: float = Field(gt=0, le=1)
+    # Fixed cost per layer per token, whatever its size (kernel dispatch, norms, attention).
+    layer_overhead_s: float = Field(default=0.0, ge=0)
+    # Fixed cost per stage per token (embedding or receive, sampling or send, the step loop).
+    token_overhead_s: float = Field(default=0.0, ge=0)
+    source: str = ""
+
+
+# Measured on the 2-core development VM (AMD EPYC, AVX-512) against the bandwidth figure
+# telemetry reports for it (numpy copy, ~23-27 GB/s): docs/placement.md, "Calibration".
+DEFAULT_ENGINE_EFFICIENCY: tuple[EngineEfficiency, ...] = (
+    EngineEfficiency(
+        engine="torch",
+        kind="cpu",
+        bandwidth_fraction=0.30,
+        layer_overhead_s=0.0002,
+        token_overhead_s=0.003,
+        source="bench/placement/calibrate.py, torch int4 CPU kernels, SmolLM2-135M",
+    ),
+    EngineEfficiency(
+        engine="mlx",
+        kind="cpu",
+        bandwidth_fraction=0.03,
+        layer_overhead_s=0.0,
+        token_overhead_s=0.0,
+        source="bench/placement/calibrate.py, MLX CPU (reference BLAS), SmolLM2-135M",
+    ),
+)
+
+
 class CostParams(Frozen):
     """The cost model's constants; the defaults are documented in docs/placement.md."""
 
-    # Spec-sheet figures are peaks; decode kernels reach roughly this share of them.
+    # Spec-sheet figures are peaks; decode kernels reach roughly this share of them. Used
+    # for an (engine, device kind) pair that `engine_efficiency` does not calibrate.
     bandwidth_efficiency: float = Field(default=0.8, gt=0, le=1)
     compute_efficiency: float = Field(default=0.5, gt=0, le=1)
     # Runtime context, allocator slack and activation workspace, per device kind.
@@ -33,6 +75,19 @@ class CostParams(Frozen):
     local_bandwidth_bytes_per_s: float = Field(default=10e9, gt=0)
     # The sampled token travels back to the first stage in a small frame.
     token_frame_bytes: int = Field(default=64, gt=0)
+    # Per engine and device kind: the share of the bandwidth roofline and fixed costs.
+    engine_efficiency: tuple[EngineEfficiency, ...] = DEFAULT_ENGINE_EFFICIENCY
+
+    def efficiency(self, engine: EngineName, kind: DeviceKind) -> EngineEfficiency:
+        for entry in self.engine_efficiency:
+            if entry.engine == engine and entry.kind == kind:
+                return entry
+        return EngineEfficiency(
+            engine=engine,
+            kind=kind,
+            bandwidth_fraction=self.bandwidth_efficiency,
+            source="not calibrated: bandwidth_efficiency",
+        )
 
     def overhead_bytes(self, kind: DeviceKind) -> int:
         return {
@@ -62,10 +117,27 @@ class PlacementRequest(Frozen):
     exclude_devices: tuple[DeviceId, ...] = ()
     # Validate and cost this split instead of solving.
     manual_split: tuple[ManualStage, ...] | None = None
+    # A named engine runs every stage and restricts placement to the device kinds it runs
+    # on. None: torch on CUDA, MLX on Metal, `cpu_engine` on CPUs.
+    engine: EngineName | None = None
+    cpu_engine: EngineName = "torch"
     # Wall-clock budget for the whole call; None: sized to the cluster (docs/placement.md).
     time_limit_s: float | None = Field(default=None, gt=0)
     num_workers: int = Field(default=1, ge=1, le=8)
     params: CostParams = CostParams()
+
+
+def engine_for(kind: DeviceKind, request: PlacementRequest) -> EngineName | None:
+    """The engine a stage on a device of this kind runs (None: the named engine cannot)."""
+    if request.engine is not None:
+        return request.engine if kind in ENGINE_DEVICE_KINDS[request.engine] else None
+    match kind:
+        case "cuda":
+            return "torch"
+        case "metal":
+            return "mlx"
+        case "cpu":
+            return request.cpu_engine
 
 
 class MemoryUse(Frozen):
@@ -84,6 +156,8 @@ class Stage(Frozen):
     device_id: DeviceId
     node_id: NodeId
     device_name: str
+    # The engine the stage was costed for (and runs with).
+    engine: EngineName
     start_layer: int = Field(ge=0)
     end_layer: int = Field(gt=0)
     # The first stage embeds tokens, the last computes logits and samples.

@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from exo.shared.types.base import Frozen
+from exo.shared.types.ids import NodeId
 
 
 class RunnerSpawning(Frozen):
@@ -48,6 +49,16 @@ RunnerStatus = Annotated[
     | RunnerStopped,
     Field(discriminator="kind"),
 ]
+
+
+class RunnerEndpoint(Frozen):
+    """Where a pipeline stage's runner listens for the previous stage's activations."""
+
+    node_id: NodeId
+    # The node's advertised address; a stage on the same node connects over loopback.
+    host: str
+    port: int = Field(gt=0, lt=65536)
+
 
 TERMINAL_RUNNER_KINDS = frozenset({"failed", "stopped"})
 SERVING_RUNNER_KINDS = frozenset({"ready", "running"})

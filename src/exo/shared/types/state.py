@@ -9,7 +9,7 @@ from exo.shared.types.base import Frozen
 from exo.shared.types.events import EventOrigin, ModelStoreProgress
 from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import Instance
-from exo.shared.types.runners import RunnerStatus
+from exo.shared.types.runners import RunnerEndpoint, RunnerStatus
 from exo.shared.types.tasks import Task
 from exo.shared.types.telemetry import LinkProfile, NodeDevices
 
@@ -32,9 +32,15 @@ class TaskCounters(Frozen):
 class State(Frozen):
     last_index: int = Field(default=-1, ge=-1)
     term: int = Field(default=0, ge=0)
+    # The master of `term` (from its MasterElected entry); None before the first election.
+    master: NodeId | None = None
     nodes: dict[NodeId, NodeInfo] = Field(default_factory=dict[NodeId, NodeInfo])
     instances: dict[InstanceId, Instance] = Field(default_factory=dict[InstanceId, Instance])
     runners: dict[RunnerId, RunnerStatus] = Field(default_factory=dict[RunnerId, RunnerStatus])
+    # Pipeline stages' listen addresses (runners of single-stage instances have none).
+    runner_endpoints: dict[RunnerId, RunnerEndpoint] = Field(
+        default_factory=dict[RunnerId, RunnerEndpoint]
+    )
     # Only tasks in flight; finished ones leave a trace in `counters` and the log.
     tasks: dict[TaskId, Task] = Field(default_factory=dict[TaskId, Task])
     # Keyed "<node id>/<model id>".

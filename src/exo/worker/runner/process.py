@@ -13,6 +13,10 @@ Generate requests wait in a queue in arrival order. How they leave it depends on
   (its cache released) at its own end; requests beyond `MAX_BATCH` wait in the queue.
 - Any other engine (MLX) serves the queue one request at a time (FIFO) with `generate`.
 
+A shard without every layer is a pipeline stage: it listens for its neighbours before it
+loads, links to the next stage once told where it is (ConnectNext), reports Ready only
+then, and hands over to `exo.worker.pipeline.stage.StageLoop`.
+
 The runner reports Running while it serves requests and Ready once the queue and the batch
 are empty. Cancel drops a queued request or stops a running one before its next token (or
 its next prefill chunk).
@@ -21,6 +25,7 @@ A reader thread turns stdin frames into messages on a queue; the main thread dra
 queue between tokens, so a Cancel arriving mid-generation takes effect at the next token.
 """
 
+import json
 import queue
 import threading
 import time
@@ -40,7 +45,7 @@ from exo.shared.types.runners import (
     RunnerStatus,
     RunnerWarmingUp,
 )
-from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
+from exo.shared.types.stream import StreamEnd, StreamError
 from exo.worker.engines.base import (
     BatchingEngine,
     ChatTokenizer,
@@ -50,10 +55,14 @@ from exo.worker.engines.base import (
     warm_up,
 )
 from exo.worker.generate import TokenStream, generate, prefill, prepare_prompt
+from exo.worker.pipeline.links import StageListener
+from exo.worker.pipeline.stage import StageEvent, StageLoop, new_event_queue
 from exo.worker.runner.protocol import (
     TO_RUNNER,
     Cancel,
+    ConnectNext,
     FrameError,
+    FromRunnerMessage,
     Generate,
     GenerationStarted,
     LoadShard,
@@ -64,7 +73,6 @@ from exo.worker.runner.protocol import (
     read_frame_sync,
 )
 
-FromRunnerMessage = StatusReport | GenerationStarted | TokenChunk | StreamEnd | StreamError
 # Loading progress is reported in steps of at least this much.
 _PROGRESS_STEP = 0.1
 # The most requests a batching engine decodes together; more wait in the queue. Every
@@ -95,6 +103,18 @@ def read_messages(stream: BinaryIO, inbox: "queue.Queue[ToRunner | None]") -> No
         logger.error(f"bad input from supervisor, stopping: {exc}")
     finally:
         inbox.put(None)
+
+
+def _context_length(config_path: Path) -> int:
+    """The model's context length (bounds the frames a stage may hold), 8192 if unknown."""
+    try:
+        config: object = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 8192
+    if not isinstance(config, dict):
+        return 8192
+    value: object = cast(dict[str, object], config).get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else 8192
 
 
 def _cancelled_end(task_id: TaskId) -> StreamEnd:
@@ -139,6 +159,11 @@ class Runner:
         self._batching: BatchingEngine[object, object] | None = None
         self._tokenizer: ChatTokenizer | None = None
         self._active: list[_Active] = []
+        # Pipeline stages (a shard without every layer): the link to the neighbours.
+        self._listener: StageListener | None = None
+        self._stage_events: queue.Queue[StageEvent] | None = None
+        self._connect_to: ConnectNext | None = None
+        self._step_timeout_s = 60.0
 
     def run(self) -> int:
         """Serve until Shutdown or end of input; the process exit code."""
@@ -151,6 +176,18 @@ class Runner:
                 self._handle(message)
             if self._stopping:
                 return 0
+        if self._listener is not None and self._stage_events is not None:
+            assert self._tokenizer is not None
+            return StageLoop(
+                self._engine,
+                self._tokenizer,
+                self._inbox,
+                self._stage_events,
+                self._out.send,
+                self._listener,
+                self._step_timeout_s,
+                self._connect_to,
+            ).run()
         self._report(RunnerReady())
         if self._batching is not None:
             return self._run_batched(self._batching)
@@ -181,6 +218,8 @@ class Runner:
             on_progress(0.0)
             model_dir = Path(message.model_dir)
             shard = ShardSpec(message.start_layer, message.end_layer, message.n_layers)
+            if not shard.is_full:
+                self._listen(message)
             engine = load_engine(message.engine, model_dir, shard, on_progress)
             tokenizer = ChatTokenizer.from_dir(model_dir)
             self._report(RunnerWarmingUp())
@@ -196,8 +235,23 @@ class Runner:
             logger.info(f"continuous batching of up to {MAX_BATCH} requests")
         return True
 
+    def _listen(self, message: LoadShard) -> None:
+        """A pipeline stage listens before it loads, so that its neighbours can link up."""
+        if message.listen_host is None or message.listen_port is None:
+            raise ValueError("a pipeline stage needs a listen address")
+        config_path = Path(message.model_dir) / "config.json"
+        context = _context_length(config_path)
+        self._stage_events = new_event_queue(context)
+        self._listener = StageListener(
+            message.listen_host, message.listen_port, self._stage_events.put
+        )
+        self._step_timeout_s = message.step_timeout_s
+        logger.info(f"stage listening on {message.listen_host}:{self._listener.port}")
+
     def _handle(self, message: ToRunner | None) -> None:
         match message:
+            case ConnectNext():
+                self._connect_to = message
             case LoadShard():
                 logger.warning("ignoring a second LoadShard: this runner already has a shard")
             case Generate():

@@ -7,7 +7,7 @@ from pydantic import Field, TypeAdapter
 
 from exo.shared.types.base import Frozen
 from exo.shared.types.chat import ChatParams
-from exo.shared.types.ids import TaskId
+from exo.shared.types.ids import NodeId, TaskId
 from exo.shared.types.instances import EngineName
 from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
@@ -23,12 +23,27 @@ class LoadShard(Frozen):
     start_layer: int = Field(ge=0)
     end_layer: int = Field(gt=0)
     n_layers: int = Field(gt=0)
+    # Pipeline stages only (a shard holding every layer needs no link): where this
+    # runner listens for the previous stage's activations, and the per-step bound.
+    listen_host: str | None = None
+    listen_port: int | None = Field(default=None, gt=0, lt=65536)
+    step_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class Generate(Frozen):
     kind: Literal["generate"] = "generate"
     task_id: TaskId
     params: ChatParams
+    # The node whose API holds the client: the pipeline's last stage streams tokens there.
+    owner: NodeId | None = None
+
+
+class ConnectNext(Frozen):
+    """Pipeline stages: where the next stage listens (from the last stage: the first)."""
+
+    kind: Literal["connect_next"] = "connect_next"
+    host: str
+    port: int = Field(gt=0, lt=65536)
 
 
 class Cancel(Frozen):
@@ -40,7 +55,9 @@ class Shutdown(Frozen):
     kind: Literal["shutdown"] = "shutdown"
 
 
-ToRunner = Annotated[LoadShard | Generate | Cancel | Shutdown, Field(discriminator="kind")]
+ToRunner = Annotated[
+    LoadShard | Generate | Cancel | Shutdown | ConnectNext, Field(discriminator="kind")
+]
 
 
 class StatusReport(Frozen):
@@ -55,10 +72,31 @@ class GenerationStarted(Frozen):
     task_id: TaskId
 
 
-FromRunner = Annotated[
-    StatusReport | GenerationStarted | TokenChunk | StreamEnd | StreamError,
-    Field(discriminator="kind"),
-]
+class StageJoined(Frozen):
+    """A pipeline stage took on a task (its BEGIN frame arrived); the owner gets its errors."""
+
+    kind: Literal["stage_joined"] = "stage_joined"
+    task_id: TaskId
+    owner: NodeId
+
+
+class StageLeft(Frozen):
+    """A pipeline stage released a task's cache: it holds nothing of it any more."""
+
+    kind: Literal["stage_left"] = "stage_left"
+    task_id: TaskId
+
+
+FromRunnerMessage = (
+    StatusReport
+    | GenerationStarted
+    | TokenChunk
+    | StreamEnd
+    | StreamError
+    | StageJoined
+    | StageLeft
+)
+FromRunner = Annotated[FromRunnerMessage, Field(discriminator="kind")]
 
 TO_RUNNER: TypeAdapter[ToRunner] = TypeAdapter(ToRunner)
 FROM_RUNNER: TypeAdapter[FromRunner] = TypeAdapter(FromRunner)

@@ -23,7 +23,7 @@ from exo.worker.telemetry.policy import ChangeLimiter, TelemetryPolicy
 
 
 class EventSink(Protocol):
-    """What `exo.routing.emitter.EventEmitter` offers a producer."""
+    """What `exo.shared.views.EventSink` offers a producer."""
 
     async def emit(self, event: Event) -> int: ...
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from exo.shared.types.chat import SamplingParams
 from exo.worker.engines.base import ProgressCallback, ShardSpec
 from exo.worker.engines.torch.cache import KVCache, RequestBatch, SlotCache
+from exo.worker.engines.torch.compiled import CompiledDecoder, compile_wanted
 from exo.worker.engines.torch.device import Placement, choose_placement, release_scratch_memory
 from exo.worker.engines.torch.graphs import SlotDecoder
 from exo.worker.engines.torch.llama import LlamaStage, load_stage
@@ -47,10 +48,18 @@ def sample_top_p(logits: Tensor, top_p: float, generator: torch.Generator) -> Te
 class TorchEngine:
     """Layers [start, end) of a Llama-family model in torch (CUDA or CPU)."""
 
-    def __init__(self, stage: LlamaStage, shard: ShardSpec, placement: Placement) -> None:
+    def __init__(
+        self,
+        stage: LlamaStage,
+        shard: ShardSpec,
+        placement: Placement,
+        decoder: CompiledDecoder | None = None,
+    ) -> None:
         self._stage = stage
         self._shard = shard
         self.placement = placement
+        # One-token steps through inductor (the CPU int4 path), else eager.
+        self.decoder = decoder
 
     @classmethod
     def load(
@@ -76,7 +85,21 @@ class TorchEngine:
             raise ValueError(
                 f"model has {stage.args.num_hidden_layers} layers, shard expects {shard.n_layers}"
             )
-        return cls(stage, shard, placement)
+        engine = cls(stage, shard, placement)
+        # The fast CPU format only: the dense formats are references and stay eager.
+        if placement.weights == "int4" and compile_wanted(placement.device):
+            engine.decoder = CompiledDecoder(stage)
+            engine.decoder.prepare(engine._dummy_step)
+        return engine
+
+    def _dummy_step(self, batch_size: int) -> Tensor:
+        requests = [self.new_request(1, seed=0) for _ in range(batch_size)]
+        if self._shard.is_first:
+            x = torch.zeros((batch_size, 1), dtype=torch.int64, device=self.device)
+        else:
+            shape = (batch_size, 1, self.hidden_size)
+            x = torch.zeros(shape, dtype=self.placement.activation_dtype, device=self.device)
+        return self.forward_batch(x, requests)
 
     @property
     def stage(self) -> LlamaStage:
@@ -132,6 +155,8 @@ class TorchEngine:
             raise ValueError(f"{x.shape[0]} rows for {len(requests)} requests")
         with torch.no_grad():
             batch = RequestBatch([r.cache for r in requests], x.shape[1], self.device)
+            if x.shape[1] == 1 and self.decoder is not None:
+                return self.decoder(x, batch)
             return self._stage(x, batch)
 
     def sample(self, logits: Tensor, sampling: SamplingParams, request: TorchRequest) -> Tensor:

@@ -163,7 +163,8 @@ class Attention:
         self.q_norm = q_norm
         self.k_norm = k_norm
 
-    def __call__(self, x: Tensor, rope: Rope, batch: AttentionBatch, layer: int) -> Tensor:
+    def project(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
+        """Normed hidden [B, L, D] -> rotated q [B, heads, L, d], k and v [B, kv_heads, L, d]."""
         b, length, _ = x.shape
         qkv = self.qkv_proj(x).view(b, length, -1, self.head_dim)
         n_qk = self.n_heads + self.n_kv_heads
@@ -174,11 +175,12 @@ class Attention:
         # q and k rotate in one call: they are adjacent heads of the fused projection.
         qk = rope(qk)
         q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :]
-        v = v.to(q.dtype)
-        out = batch.attend(
-            layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+        return q.transpose(1, 2), k.transpose(1, 2), v.to(q.dtype).transpose(1, 2)
+
+    def output(self, attended: Tensor) -> Tensor:
+        """Attention output [B, heads, L, d] -> [B, L, D]."""
+        b, _, length, _ = attended.shape
+        return self.o_proj(attended.transpose(1, 2).reshape(b, length, -1))
 
 
 class MLP:
@@ -201,7 +203,15 @@ class TransformerBlock:
         self.post_attention_layernorm = post_attention_norm
 
     def __call__(self, x: Tensor, rope: Rope, batch: AttentionBatch, layer: int) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), rope, batch, layer)
+        q, k, v = self.before_attention(x, rope)
+        return self.after_attention(x, batch.attend(layer, q, k, v, self.self_attn.scale))
+
+    # The two halves around the cache: a compiled decode step compiles each (compiled.py).
+    def before_attention(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
+        return self.self_attn.project(self.input_layernorm(x), rope)
+
+    def after_attention(self, x: Tensor, attended: Tensor) -> Tensor:
+        h = x + self.self_attn.output(attended)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -242,15 +252,46 @@ class LlamaStage:
     def __call__(self, x: Tensor, batch: AttentionBatch) -> Tensor:
         """Token ids [B, L] (first stage) or hidden [B, L, D] -> hidden [B, L, D], or on the
         last stage float32 logits [B, vocab] of the last position."""
+        out = self.forward(x, batch)
+        batch.advance()
+        return out
+
+    def forward(
+        self, x: Tensor, batch: AttentionBatch, steps: "BlockSteps | None" = None
+    ) -> Tensor:
+        """`__call__` without advancing the batch, each layer's halves run by `steps` (the
+        compiled ones of a decode step) or eagerly."""
+        steps = steps or EAGER_STEPS
         h = self.embed_tokens(x) if self.embed_tokens is not None else x.to(self.activation_dtype)
         rope = Rope.at(batch.positions, self.inv_freq, self.activation_dtype)
         for index, layer in enumerate(self.layers):
-            h = layer(h, rope, batch, index)
-        batch.advance()
-        if self.norm is None or self.lm_head is None:
+            q, k, v = steps.before_attention(layer, h, rope)
+            attended = batch.attend(index, q, k, v, layer.self_attn.scale)
+            h = steps.after_attention(layer, h, attended)
+        if not self.is_last:
             return h
-        # Only the last position's logits are needed; the head is the widest matmul.
+        return steps.head(self, h)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Hidden [B, L, D] -> float32 logits [B, vocab] of the last position only (the head
+        is the widest matmul)."""
+        if self.norm is None or self.lm_head is None:
+            raise ValueError("only the last stage has the output head")
         return self.lm_head(self.norm(h[:, -1, :])).float()
+
+
+@dataclass(frozen=True)
+class BlockSteps:
+    """How a stage runs the halves of each layer around the cache, and its head."""
+
+    before_attention: Callable[[TransformerBlock, Tensor, Rope], tuple[Tensor, Tensor, Tensor]]
+    after_attention: Callable[[TransformerBlock, Tensor, Tensor], Tensor]
+    head: Callable[[LlamaStage, Tensor], Tensor]
+
+
+EAGER_STEPS = BlockSteps(
+    TransformerBlock.before_attention, TransformerBlock.after_attention, LlamaStage.head
+)
 
 
 class _Checkpoint:

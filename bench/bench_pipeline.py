@@ -1,0 +1,187 @@
+"""A 2-stage pipeline on loopback against one stage, same model, same engine, greedy.
+
+Real runner subprocesses linked by the activation stream (tests/pipeline_chain.py drives
+them as the worker does). Measures, on one machine, in one run:
+
+- decode tokens/s of one stream (128 tokens), 1 stage vs 2 stages, rounds alternating so
+  that load from other processes hits both alike; medians and their ratio;
+- the per-hop hand-off cost, two ways: derived from those rates (a 2-stage token takes two
+  hops: the activation forward and the token back), and a loopback ping-pong of real
+  frames through the real codec and sockets (`StageSender` / `StageListener`);
+- aggregate tokens/s of the 2-stage pipeline with 1, 2, 4 and 8 concurrent streams.
+
+    uv run python bench/bench_pipeline.py [--engine mlx] [--tokens 128] [--rounds 2]
+        [--streams 1,2,4,8] [--stream-tokens 48] [--json out.json]
+"""
+
+import argparse
+import json
+import queue
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exo.models.store import ModelStore
+from exo.shared.types.instances import EngineName
+from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
+from exo.worker.pipeline.frames import FrameFlag, FrameKind, encode_array, encode_token
+from exo.worker.pipeline.links import LinkLost, Received, StageListener, StageSender, free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.pipeline_chain import Chain
+
+MODEL = "smollm2-135m-instruct"
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+
+
+class Stream:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.end: StreamEnd | StreamError | None = None
+
+    @property
+    def decode_tps(self) -> float:
+        span = self.times[-1] - self.times[0] if len(self.times) > 1 else 0.0
+        return (len(self.times) - 1) / span if span > 0 else 0.0
+
+
+def run_streams(chain: Chain, n: int, tokens: int, tag: str) -> tuple[dict[str, Stream], float]:
+    """n concurrent greedy requests; each stream's token arrival times and the wall time."""
+    streams = {f"{tag}-{i}": Stream() for i in range(n)}
+    started = time.perf_counter()
+    for task in streams:
+        chain.generate(task, PROMPT, tokens)
+    done = 0
+    while done < n:
+        for stage in chain.stages:
+            try:
+                message = stage.received.get(timeout=0.001)
+            except queue.Empty:
+                continue
+            now = time.perf_counter()
+            if message is None:
+                raise RuntimeError(f"a stage exited:\n{chain.log_text()}")
+            stream = streams.get(getattr(message, "task_id", ""))
+            if stream is None:
+                continue
+            if isinstance(message, TokenChunk):
+                stream.times.append(now)
+            elif isinstance(message, StreamEnd | StreamError) and stream.end is None:
+                stream.end = message
+                done += 1
+    wall = time.perf_counter() - started
+    for task, stream in streams.items():
+        if not isinstance(stream.end, StreamEnd):
+            raise RuntimeError(f"{task} failed: {stream.end}")
+    return streams, wall
+
+
+def loopback_hop_ms(hidden: int, rounds: int = 2000) -> float:
+    """Median one-way time of an activation frame [1, 1, hidden] float16 and of a token
+    frame, each through encode -> TCP loopback -> decode (half a ping-pong)."""
+    inbox: queue.Queue[Received | LinkLost] = queue.Queue()
+    back: queue.Queue[Received | LinkLost] = queue.Queue()
+    a_port, b_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    a = StageListener("127.0.0.1", a_port, inbox.put)
+    b = StageListener("127.0.0.1", b_port, back.put)
+    to_b = StageSender.connect("127.0.0.1", b_port, 5.0)
+    to_a = StageSender.connect("127.0.0.1", a_port, 5.0)
+
+    def echo() -> None:
+        for _ in range(rounds):
+            item = back.get()
+            assert isinstance(item, Received)
+            to_a.send(encode_token(item.frame.request_id, 0, 1, final=False))
+
+    threading.Thread(target=echo, daemon=True).start()
+    x = np.zeros((1, 1, hidden), dtype=np.float16)
+    samples: list[float] = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        to_b.send(encode_array(FrameKind.ACTIVATION, "bench", 0, FrameFlag.SAMPLE, x))
+        item = inbox.get()
+        samples.append(time.perf_counter() - t)
+        assert isinstance(item, Received)
+    for closer in (to_a, to_b, a, b):
+        closer.close()
+    return statistics.median(samples) / 2 * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--engine", choices=["mlx", "torch"], default="mlx")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--streams", default="1,2,4,8")
+    parser.add_argument("--stream-tokens", type=int, default=48)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    engine: EngineName = args.engine
+    model_dir = ModelStore(Path.home() / ".cache" / "exo" / "models").ensure(MODEL)
+    logs = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    result: dict[str, Any] = {"engine": engine, "tokens": args.tokens}
+
+    hop_ms = loopback_hop_ms(576)
+    result["loopback_hop_ms"] = hop_ms
+    print(f"loopback frame hop (codec + TCP, [1,1,576] f16): {hop_ms:.3f} ms one-way")
+
+    for sub in ("single", "two"):
+        (logs / sub).mkdir()
+    single = Chain(model_dir, [(engine, 0, 30)], logs / "single")
+    two = Chain(model_dir, [(engine, 0, 15), (engine, 15, 30)], logs / "two")
+    try:
+        rates: dict[str, list[float]] = {"1-stage": [], "2-stage": []}
+        for r in range(args.rounds):
+            for name, chain in (("1-stage", single), ("2-stage", two)):
+                streams, _ = run_streams(chain, 1, args.tokens, f"{name}-r{r}")
+                (stream,) = streams.values()
+                rates[name].append(stream.decode_tps)
+                print(f"round {r} {name}: {stream.decode_tps:.2f} tokens/s decode")
+        one_tps = statistics.median(rates["1-stage"])
+        two_tps = statistics.median(rates["2-stage"])
+        per_hop_ms = (1 / two_tps - 1 / one_tps) / 2 * 1000
+        result |= {
+            "decode_tps_1_stage": rates["1-stage"],
+            "decode_tps_2_stage": rates["2-stage"],
+            "ratio_2_over_1": two_tps / one_tps,
+            "derived_per_hop_ms": per_hop_ms,
+        }
+        print(
+            f"decode: 1 stage {one_tps:.2f}, 2 stages {two_tps:.2f} tokens/s, "
+            f"ratio {two_tps / one_tps:.3f}; derived cost per hop {per_hop_ms:.2f} ms"
+        )
+        single.close()
+        counts = [int(s) for s in args.streams.split(",")]
+        runs: dict[int, list[float]] = {n: [] for n in counts}
+        for r in range(args.rounds):
+            # Alternating order: a load spike from other processes hits every count alike.
+            for n in counts if r % 2 == 0 else counts[::-1]:
+                streams, wall = run_streams(two, n, args.stream_tokens, f"c{n}-r{r}")
+                total = sum(len(s.times) for s in streams.values())
+                runs[n].append(total / wall)
+                print(
+                    f"round {r}, {n} streams: {total} tokens in {wall:.1f} s = {total / wall:.2f}/s"
+                )
+        aggregate = {n: statistics.median(v) for n, v in runs.items()}
+        result["aggregate_tps"] = aggregate
+        result["aggregate_runs"] = runs
+        base = aggregate.get(1)
+        if base:
+            for n, tps in aggregate.items():
+                print(f"  median {tps:.2f} tokens/s = x{tps / base:.2f} of 1 stream at {n} streams")
+    finally:
+        single.close()
+        two.close()
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

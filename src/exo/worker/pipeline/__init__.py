@@ -1,0 +1,1 @@
+"""The pipeline data plane: activation frames, stage links and the stage runner loop."""

@@ -1,0 +1,104 @@
+"""plan() and apply() for pipeline instances: endpoints, links, dispatch once all serve."""
+
+from exo.shared.apply import fold
+from exo.shared.types.events import (
+    Event,
+    InstanceCreated,
+    InstanceDeleted,
+    RunnerEndpointReported,
+    RunnerStatusChanged,
+    TaskCreated,
+)
+from exo.shared.types.instances import Instance
+from exo.shared.types.runners import RunnerEndpoint, RunnerReady, RunnerWarmingUp
+from exo.shared.types.state import State
+from exo.worker.plan import DispatchTask, LinkStage, SpawnRunner, WorkerView, plan
+from tests.factories import INSTANCES, NODES, TASKS, indexed, instance, runner_of, task
+
+ME, OTHER = NODES
+INST = INSTANCES[0]
+R0, R1 = runner_of(INST, 0), runner_of(INST, 1)
+
+
+def state_of(*events: Event) -> State:
+    return fold(State(), indexed(list(events)))
+
+
+def two_nodes() -> Instance:
+    """Stage 0 on ME, stage 1 on OTHER."""
+    base = instance(INST, ME, stages=2)
+    shards = (base.shards[0], base.shards[1].model_copy(update={"node_id": OTHER}))
+    return base.model_copy(update={"shards": shards})
+
+
+def endpoint(runner: str, node: str, port: int) -> RunnerEndpointReported:
+    return RunnerEndpointReported(
+        runner_id=runner,  # pyright: ignore[reportArgumentType]
+        endpoint=RunnerEndpoint(node_id=node, host=f"10.0.0.{port - 5000}", port=port),  # pyright: ignore[reportArgumentType]
+    )
+
+
+def test_endpoints_are_folded_into_state_and_leave_with_the_instance() -> None:
+    created = InstanceCreated(instance=two_nodes())
+    state = state_of(created, endpoint(R0, ME, 5000), endpoint(R1, OTHER, 5001))
+    assert state.runner_endpoints[R1].port == 5001
+    gone = fold(state, indexed([InstanceDeleted(instance_id=INST, reason="x")], start=3))
+    assert gone.runner_endpoints == {}
+    # A late report for a deleted instance's runner changes nothing.
+    late = fold(gone, indexed([endpoint(R0, ME, 5002)], start=4))
+    assert late.runner_endpoints == {}
+
+
+def test_stages_are_spawned_as_pipeline_stages() -> None:
+    state = state_of(InstanceCreated(instance=instance(INST, ME, stages=2)))
+    actions = plan(state, WorkerView(node_id=ME))
+    assert [a.pipeline for a in actions if isinstance(a, SpawnRunner)] == [True, True]
+    single = state_of(InstanceCreated(instance=instance(INST, ME)))
+    assert [
+        a.pipeline for a in plan(single, WorkerView(node_id=ME)) if isinstance(a, SpawnRunner)
+    ] == [False]
+
+
+def test_each_stage_links_to_its_successor_in_the_ring() -> None:
+    state = state_of(
+        InstanceCreated(instance=two_nodes()), endpoint(R0, ME, 5000), endpoint(R1, OTHER, 5001)
+    )
+    mine = WorkerView(node_id=ME, spawned=frozenset({R0}), alive=frozenset({R0}))
+    theirs = WorkerView(node_id=OTHER, spawned=frozenset({R1}), alive=frozenset({R1}))
+    # Another node's stage is reached at its advertised host; one on this node by loopback.
+    assert plan(state, mine) == [LinkStage(runner_id=R0, host="10.0.0.1", port=5001)]
+    assert plan(state, theirs) == [LinkStage(runner_id=R1, host="10.0.0.0", port=5000)]
+    local = state_of(
+        InstanceCreated(instance=instance(INST, ME, stages=2)),
+        endpoint(R0, ME, 5000),
+        endpoint(R1, ME, 5001),
+    )
+    both = WorkerView(node_id=ME, spawned=frozenset({R0, R1}), alive=frozenset({R0, R1}))
+    assert plan(local, both) == [
+        LinkStage(runner_id=R0, host="127.0.0.1", port=5001),
+        LinkStage(runner_id=R1, host="127.0.0.1", port=5000),
+    ]
+    # Told once; not before the successor reported where it listens.
+    assert plan(state, mine.model_copy(update={"linked": frozenset({R0})})) == []
+    early = state_of(InstanceCreated(instance=two_nodes()), endpoint(R0, ME, 5000))
+    assert plan(early, mine) == []
+
+
+def test_a_pipeline_takes_tasks_once_every_stage_serves() -> None:
+    events: list[Event] = [
+        InstanceCreated(instance=two_nodes()),
+        TaskCreated(task=task(TASKS[0], INST, OTHER)),
+        RunnerStatusChanged(runner_id=R0, status=RunnerReady()),
+        RunnerStatusChanged(runner_id=R1, status=RunnerWarmingUp()),
+    ]
+    view = WorkerView(
+        node_id=ME, spawned=frozenset({R0}), alive=frozenset({R0}), linked=frozenset({R0})
+    )
+    assert plan(state_of(*events), view) == []
+    events.append(RunnerStatusChanged(runner_id=R1, status=RunnerReady()))
+    assert plan(state_of(*events), view) == [DispatchTask(task_id=TASKS[0], runner_id=R0)]
+    # Only the first stage's node dispatches; the others learn of it in-band.
+    other = WorkerView(
+        node_id=OTHER, spawned=frozenset({R1}), alive=frozenset({R1}), linked=frozenset({R1})
+    )
+    assert plan(state_of(*events), other) == []
