@@ -130,6 +130,10 @@ class ScriptedBackend:
     reject: dict[str, tuple[RejectionCode, str]] = field(
         default_factory=dict[str, tuple[RejectionCode, str]]
     )
+    # Like `reject`, for the first such command only.
+    reject_once: dict[str, tuple[RejectionCode, str]] = field(
+        default_factory=dict[str, tuple[RejectionCode, str]]
+    )
     silent_master: bool = False
     commands: list[Command] = field(default_factory=list[Command])
     events: list[IndexedEvent] = field(default_factory=list[IndexedEvent])
@@ -181,6 +185,9 @@ class ScriptedBackend:
         command_id = CommandId(f"cmd-{len(self.commands)}")
         if command.kind in self.reject:
             code, message = self.reject[command.kind]
+            return CommandRejected(command_id=command_id, code=code, message=message)
+        if command.kind in self.reject_once:
+            code, message = self.reject_once.pop(command.kind)
             return CommandRejected(command_id=command_id, code=code, message=message)
         match command:
             case PlaceInstance():
@@ -646,7 +653,6 @@ async def test_load_timeout() -> None:
 @pytest.mark.parametrize(
     ("code", "status", "api_code"),
     [
-        ("no_instance", 503, "no_instance"),
         ("invalid", 400, "invalid_request"),
         ("not_master", 503, "not_master"),
     ],
@@ -661,6 +667,26 @@ async def test_rejected_create_task_is_mapped(
         streamed = await client.post("/v1/chat/completions", json=chat(stream=True))
     assert assert_openai_error(plain, status, api_code)["message"] == "nope"
     assert_openai_error(streamed, status, api_code)  # nothing was streamed yet: a real status
+
+
+async def test_a_master_without_the_instance_this_node_saw_gets_it_placed() -> None:
+    """This node's state trails the master's: it saw a serving instance the master knows
+    failed. The API places the model through the master and runs the task once more."""
+    backend = ScriptedBackend(reject_once={"create_task": ("no_instance", "it failed")})
+    backend.add_instance(RunnerReady())
+    async with serving(backend) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "Hello, world"
+    assert [c.kind for c in backend.commands] == ["create_task", "place_instance", "create_task"]
+
+
+async def test_no_instance_twice_is_503() -> None:
+    backend = ScriptedBackend(reject={"create_task": ("no_instance", "nope")})
+    backend.add_instance(RunnerReady())
+    async with serving(backend) as client:
+        plain = await client.post("/v1/chat/completions", json=chat())
+    assert assert_openai_error(plain, 503, "no_instance")["message"] == "nope"
 
 
 async def test_silent_master_is_503() -> None:

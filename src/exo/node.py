@@ -59,6 +59,7 @@ from exo.shared.types.models import ModelCard
 from exo.shared.types.state import State
 from exo.shared.types.stream import StreamMessage
 from exo.worker.engines.choice import default_engine
+from exo.worker.pipeline.links import advertised_host
 from exo.worker.telemetry.link_loop import LinkProber
 from exo.worker.telemetry.loop import node_telemetry
 from exo.worker.worker import Worker
@@ -237,6 +238,9 @@ class Node:
             router=self._router,
             models=self._models,
             load_timeout_s=self._config.runner_load_timeout_s,
+            # Where other nodes reach this node's pipeline stages: the mesh's address when
+            # it is bound to one, else the API's, else the first non-loopback IPv4.
+            advertise_host=advertised_host(self._config.mesh_host or self._config.api_host),
         )
 
     async def _announce(self) -> None:

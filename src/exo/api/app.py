@@ -26,8 +26,8 @@ from exo.api.errors import (
 from exo.api.generation import (
     InstanceView,
     Placements,
-    run_task,
     send_command,
+    serve_task,
     view_instance,
     wait_applied,
 )
@@ -173,14 +173,13 @@ def create_app(
             )
 
         async def complete() -> Response:
-            await placements.serving_instance(backend, card.model_id, settings, _ignore)
             parts: list[str] = []
 
             async def collect(text: str) -> None:
                 parts.append(text)
 
-            end = await run_task(
-                backend, task_id, card.model_id, params, settings, _ignore, collect
+            end = await serve_task(
+                backend, placements, task_id, card.model_id, params, settings, _ignore, collect
             )
             completion = chat_completion(task_id, card.model_id, created, "".join(parts), end)
             return JSONResponse(completion.model_dump(mode="json"))
@@ -374,7 +373,6 @@ async def _stream_chat(
     async def on_wait(note: str) -> None:
         await channel.comment(note)
 
-    await placements.serving_instance(backend, model_id, settings, on_wait)
     sent_role = False
 
     async def on_token(text: str) -> None:
@@ -384,7 +382,9 @@ async def _stream_chat(
             await channel.write(chunks.sse(chunks.role()))
         await channel.write(chunks.sse(chunks.content(text)))
 
-    end = await run_task(backend, task_id, model_id, params, settings, on_wait, on_token)
+    end = await serve_task(
+        backend, placements, task_id, model_id, params, settings, on_wait, on_token
+    )
     if not sent_role:
         await channel.write(chunks.sse(chunks.role()))
     await channel.write(chunks.sse(chunks.finish(end)))

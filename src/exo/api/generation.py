@@ -210,15 +210,20 @@ class Placements:
         model_id: ModelId,
         settings: ApiSettings,
         on_wait: OnWait,
+        *,
+        trust_local_view: bool = True,
     ) -> InstanceId:
-        """An instance of the model that serves; placed and waited for when there is none."""
-        view = pick_instance(backend.state(), model_id)
+        """An instance of the model that serves; placed and waited for when there is none.
+
+        `trust_local_view=False` asks the master even if this node's state shows one (it
+        told us it has none: this node's view lagged behind a failure)."""
+        view = pick_instance(backend.state(), model_id) if trust_local_view else None
         if view is not None and view.status == "serving":
             return view.instance.instance_id
         lock = self._locks.setdefault(model_id, anyio.Lock())
         async with lock:
             state = backend.state()
-            view = pick_instance(state, model_id)
+            view = pick_instance(state, model_id) if trust_local_view else None
             if view is None:
                 accepted = await send_command(backend, PlaceInstance(model_id=model_id), settings)
                 if accepted.created_id is None:
@@ -268,6 +273,32 @@ async def wait_until_serving(
             await backend.wait_for_state(settled, min(settings.keepalive_interval_s, remaining))
         except TimeoutError:
             pass
+
+
+async def serve_task(
+    backend: ApiBackend,
+    placements: Placements,
+    task_id: TaskId,
+    model_id: ModelId,
+    params: ChatParams,
+    settings: ApiSettings,
+    on_wait: OnWait,
+    on_token: OnToken,
+) -> StreamEnd:
+    """Find (or place) a serving instance, then run the task on it (see `run_task`).
+
+    In a cluster this node's state trails the master's by a moment: it may still show an
+    instance the master already knows has failed, and the master then refuses the task
+    (`no_instance`). That case places the model through the master and runs once more."""
+    await placements.serving_instance(backend, model_id, settings, on_wait)
+    try:
+        return await run_task(backend, task_id, model_id, params, settings, on_wait, on_token)
+    except ApiError as error:
+        if error.code != "no_instance":
+            raise
+    logger.info(f"{model_id}: the master has no serving instance this node saw; placing")
+    await placements.serving_instance(backend, model_id, settings, on_wait, trust_local_view=False)
+    return await run_task(backend, task_id, model_id, params, settings, on_wait, on_token)
 
 
 async def run_task(
