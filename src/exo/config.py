@@ -59,6 +59,10 @@ class NodeConfig(Frozen):
     discovery: bool = True
     # IP addresses to run mDNS on (empty: every interface).
     discovery_interfaces: tuple[str, ...] = ()
+    # Consensus timing (docs/consensus.md): a follower's minimum wait for the master, and
+    # the silence after which a member is marked down.
+    election_timeout_s: float = Field(default=0.5, ge=0.1, le=60)
+    member_timeout_s: float = Field(default=5.0, gt=0)
     # A node that was never in a cluster founds one after this long without finding one.
     bootstrap_wait_s: float = Field(default=2.0, ge=0)
 

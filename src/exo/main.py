@@ -119,6 +119,26 @@ def _parser() -> argparse.ArgumentParser:
         help="run mDNS only on this interface address (repeatable; default: all)",
     )
     cluster.add_argument(
+        "--election-timeout",
+        type=float,
+        default=float(os.environ.get("EXO_ELECTION_TIMEOUT", "0.5")),
+        help="seconds of silence from the master before a follower stands for election "
+        "(randomized up to twice this; env EXO_ELECTION_TIMEOUT, default %(default)s)",
+    )
+    cluster.add_argument(
+        "--member-timeout",
+        type=float,
+        default=float(os.environ.get("EXO_MEMBER_TIMEOUT", "5")),
+        help="seconds of silence before a member is marked down and its instances re-placed "
+        "(env EXO_MEMBER_TIMEOUT, default %(default)s)",
+    )
+    cluster.add_argument(
+        "--link-interval",
+        type=float,
+        default=float(os.environ.get("EXO_LINK_INTERVAL", "600")),
+        help="seconds between link measurements to each peer (default %(default)s)",
+    )
+    cluster.add_argument(
         "--bootstrap-wait",
         type=float,
         default=float(os.environ.get("EXO_BOOTSTRAP_WAIT", "2")),
@@ -143,6 +163,12 @@ def _check_cluster_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--namespace {args.namespace!r} must match {NAMESPACE_PATTERN}")
     if not 0 <= int(args.mesh_port) < 65536:
         parser.error(f"--mesh-port {args.mesh_port} is not a port number")
+    if not 0.1 <= float(args.election_timeout) <= 60:
+        parser.error("--election-timeout must be between 0.1 and 60 seconds")
+    if float(args.member_timeout) <= 2 * float(args.election_timeout):
+        parser.error("--member-timeout must exceed twice --election-timeout")
+    if float(args.link_interval) <= 0:
+        parser.error("--link-interval must be positive")
 
 
 def _default_dashboard_dir() -> Path | None:
@@ -185,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
         discovery=not args.no_discovery,
         discovery_interfaces=tuple(args.discovery_interface),
         bootstrap_wait_s=args.bootstrap_wait if (args.peer or not args.no_discovery) else 0.0,
+        election_timeout_s=args.election_timeout,
+        member_timeout_s=args.member_timeout,
+        link_interval_s=args.link_interval,
     )
     setup_logging(config.log_dir, config.verbose)
     logger.info(f"data in {config.data_dir}, cache in {config.cache_dir}")

@@ -94,7 +94,7 @@ class Node:
                 mesh=self._mesh,
                 router=self._router,
                 decide=self._decide,
-                config=ConsensusConfig(snapshot_every=config.snapshot_every),
+                config=_consensus_config(config),
                 bootstrap_wait_s=config.bootstrap_wait_s,
                 rng=random.Random(),
             )
@@ -303,6 +303,19 @@ class Node:
                 logger.info(f"received {signal.Signals(signum).name}")
                 shutdown.set()
                 return
+
+
+def _consensus_config(config: NodeConfig) -> ConsensusConfig:
+    tick_ms = ConsensusConfig.tick_ms
+    election = max(2, round(config.election_timeout_s * 1000 / tick_ms))
+    return ConsensusConfig(
+        tick_ms=tick_ms,
+        heartbeat_ticks=max(1, election // 5),
+        election_ticks=election,
+        member_timeout_ticks=max(2 * election + 1, round(config.member_timeout_s * 1000 / tick_ms)),
+        command_timeout_ticks=max(1, round(config.command_timeout_s * 1000 / tick_ms)),
+        snapshot_every=config.snapshot_every,
+    )
 
 
 def _default_engine(flag: str | None) -> EngineName:
