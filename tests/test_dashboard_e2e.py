@@ -142,6 +142,7 @@ def test_dashboard_places_chats_and_deletes(node: Daemon, browser: Browser) -> N
     page.goto(node.url)
     expect(page.get_by_test_id("connection")).to_have_attribute("data-status", "live")
     card = page.locator(f'[data-testid="node-card"][data-node-id="{node_id}"]')
+    expect(card.get_by_test_id("node-master")).to_be_visible()  # a lone node is its master
     expect(card).to_be_visible()
     expect(card).to_contain_text("this node")
     expect(page.locator(f'[data-testid="topology-node"][data-node-id="{node_id}"]')).to_be_visible()

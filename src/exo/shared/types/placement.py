@@ -35,16 +35,16 @@ class EngineEfficiency(Frozen):
 
 
 # The built-in model (SmolLM2-135M) on the 2-core development VM (AMD EPYC, AVX-512),
-# against the bandwidth figure telemetry reports for that CPU (a numpy copy, 27.5 GB/s):
-# docs/placement.md, "Calibration", derives each number.
+# against the bandwidth figure telemetry reports for that CPU (a numpy copy, ~28 GB/s), by
+# `bench/placement/calibrate.py`: docs/placement.md, "Calibration".
 DEFAULT_ENGINE_EFFICIENCY: tuple[EngineEfficiency, ...] = (
     EngineEfficiency(
         engine="torch",
         kind="cpu",
-        bandwidth_fraction=0.29,
-        layer_overhead_s=0.0002,
-        token_overhead_s=0.0026,
-        source="int4 matmuls 66.4 MB in 8.3 ms; ~6 ms/step of eager ops; 51.6 tokens/s",
+        bandwidth_fraction=0.55,
+        layer_overhead_s=0.00021,
+        token_overhead_s=0.0022,
+        source="int4 kernels 15.2 of 27.8 GB/s; 361 us/layer; 70.6 tokens/s via generate",
     ),
     EngineEfficiency(
         engine="mlx",
