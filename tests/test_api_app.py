@@ -934,7 +934,15 @@ async def test_instances_lifecycle() -> None:
     backend = ScriptedBackend(load_step_s=10.0)
     async with serving(backend) as client:
         placed = await client.post(
-            "/instances", json={"model": MODEL, "engine": "torch", "node_id": "node-a"}
+            "/instances",
+            json={
+                "model": MODEL,
+                "engine": "torch",
+                "node_id": "node-a",
+                "objective": "throughput",
+                "context_length": 2048,
+                "exclude_devices": ["node-b/cpu"],
+            },
         )
         assert placed.status_code == 201, placed.text
         instance_id = placed.json()["instance_id"]
@@ -946,6 +954,11 @@ async def test_instances_lifecycle() -> None:
         missing = await client.get(f"/instances/{instance_id}")
     place = next(c for c in backend.commands if isinstance(c, PlaceInstance))
     assert (place.model_id, place.engine, place.node_id) == (MODEL, "torch", "node-a")
+    assert (place.objective, place.context_length, place.exclude_devices) == (
+        "throughput",
+        2048,
+        ("node-b/cpu",),
+    )
     assert [v["instance"]["instance_id"] for v in listed["data"]] == [instance_id]
     assert listed["data"][0]["status"] == "loading"
     assert one.json()["runners"] == {"run-1": {"kind": "spawning"}}

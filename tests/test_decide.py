@@ -186,6 +186,21 @@ def test_latency_places_one_stage_on_the_fastest_device_that_fits() -> None:
     assert [(s.node_id, s.engine) for s in pinned.shards] == [(a, "mlx")]
 
 
+def test_the_command_s_solver_options_reach_the_solver() -> None:
+    a, b = NODES
+    state = state_of(*cpu(a, 8 * GIB, 20e9), *cpu(b, 8 * GIB, 60e9), link_between(a, b))
+    # Excluding the fast node (by node or by device) leaves the slow one.
+    for command in (
+        PlaceInstance(model_id=MODEL, exclude_nodes=(b,)),
+        PlaceInstance(model_id=MODEL, exclude_devices=(f"{b}/cpu",)),
+        PlaceInstance(model_id=MODEL, include_nodes=(a,), objective="throughput"),
+    ):
+        instance = placed(state, command)
+        assert [s.node_id for s in instance.shards] == [a]
+    throughput = placed(state, PlaceInstance(model_id=MODEL, objective="throughput"))
+    assert throughput.prediction is not None and throughput.prediction.objective == "throughput"
+
+
 def test_a_model_too_big_for_one_device_is_split_across_linked_nodes() -> None:
     a, b = NODES
     # SmolLM2 needs ~98 MB of weights + 4096 tokens of KV (~94 MB) + 384 MiB CPU overhead.

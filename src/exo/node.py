@@ -193,7 +193,9 @@ class Node:
                 await self._announce()
                 tg.start_soon(self._worker().run)
                 # Telemetry (issue 5): device inventory + change-detected metrics events.
-                tg.start_soon(node_telemetry(self._node_id, self._cluster, self._config).run)
+                tg.start_soon(
+                    node_telemetry(self._node_id, self._cluster, self._config, self._engine).run
+                )
                 tg.start_soon(prober.run)
                 replacer = Replacer(
                     view=self._cluster,

@@ -306,6 +306,14 @@ def create_app(
             node_id=None if body.node_id is None else NodeId(body.node_id),
             engine=body.engine,
             stages=stages,
+            objective=body.objective,
+            context_length=body.context_length,
+            include_nodes=None
+            if body.include_nodes is None
+            else tuple(NodeId(n) for n in body.include_nodes),
+            exclude_nodes=tuple(NodeId(n) for n in body.exclude_nodes),
+            include_devices=None if body.include_devices is None else tuple(body.include_devices),
+            exclude_devices=tuple(body.exclude_devices),
         )
         accepted = await send_command(backend, command, settings)
         if accepted.created_id is None:

@@ -84,6 +84,13 @@ class PlaceInstanceRequest(_Request):
     engine: Literal["mlx", "torch"] | None = None
     # A manual split in pipeline order; always places a new instance.
     stages: list[PinnedStageRequest] | None = Field(default=None, min_length=1)
+    # Solver options (ignored with `stages`): objective, KV context, node/device filters.
+    objective: Literal["latency", "throughput"] | None = None
+    context_length: StrictInt | None = Field(default=None, gt=0)
+    include_nodes: list[StrictStr] | None = Field(default=None, max_length=256)
+    exclude_nodes: list[StrictStr] = Field(default_factory=list[StrictStr], max_length=256)
+    include_devices: list[StrictStr] | None = Field(default=None, max_length=1024)
+    exclude_devices: list[StrictStr] = Field(default_factory=list[StrictStr], max_length=1024)
 
 
 # --- responses -------------------------------------------------------------------------

@@ -31,6 +31,14 @@ class PlaceInstance(Frozen):
     engine: EngineName | None = None
     # A manual split in pipeline order (None: the master chooses); always a new instance.
     stages: tuple[PinnedStage, ...] | None = None
+    # For the solver (docs/placement.md): what to optimise, the context to reserve KV
+    # cache for, and which nodes/devices ("<node>/<device>") may or may not take part.
+    objective: Literal["latency", "throughput"] | None = None
+    context_length: int | None = Field(default=None, gt=0)
+    include_nodes: tuple[NodeId, ...] | None = None
+    exclude_nodes: tuple[NodeId, ...] = ()
+    include_devices: tuple[str, ...] | None = None
+    exclude_devices: tuple[str, ...] = ()
 
 
 class DeleteInstance(Frozen):

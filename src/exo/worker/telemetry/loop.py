@@ -115,12 +115,17 @@ def _sorted(metrics: dict[str, DeviceMetrics]) -> dict[str, DeviceMetrics]:
     return {k: metrics[k] for k in sorted(metrics)}
 
 
-def node_telemetry(node_id: NodeId, emitter: EventSink, config: NodeConfig) -> Telemetry:
-    """The component a node runs: every device source of this machine, the default policy."""
+def node_telemetry(
+    node_id: NodeId, emitter: EventSink, config: NodeConfig, cpu_engine: str
+) -> Telemetry:
+    """The component a node runs: every device source of this machine, the default policy.
+
+    `cpu_engine` is the engine this node runs models with on its CPU: compute is measured
+    with it (a CPU measured with another engine predicts that engine's speed)."""
     from exo.worker.telemetry.inventory import default_sources
     from exo.worker.telemetry.profiler import EngineBenchmark
 
-    benchmark = EngineBenchmark(config.engine or "mlx")
+    benchmark = EngineBenchmark(cpu_engine)
     return Telemetry(
         node_id=node_id,
         emitter=emitter,
