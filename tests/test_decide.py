@@ -14,6 +14,7 @@ from exo.shared.types.commands import (
     CommandEnvelope,
     CreateTask,
     DeleteInstance,
+    PinnedStage,
     PlaceInstance,
 )
 from exo.shared.types.events import (
@@ -199,6 +200,33 @@ def test_the_command_s_solver_options_reach_the_solver() -> None:
         assert [s.node_id for s in instance.shards] == [a]
     throughput = placed(state, PlaceInstance(model_id=MODEL, objective="throughput"))
     assert throughput.prediction is not None and throughput.prediction.objective == "throughput"
+
+
+def test_a_manual_split_is_costed_and_refused_when_it_does_not_fit() -> None:
+    a, b = NODES
+    state = state_of(*cpu(a, 8 * GIB, 20e9), *cpu(b, 8 * GIB, 60e9), link_between(a, b))
+
+    def split(first: NodeId, second: NodeId) -> PlaceInstance:
+        return PlaceInstance(
+            model_id=MODEL,
+            stages=(
+                PinnedStage(node_id=first, engine="torch", start_layer=0, end_layer=10),
+                PinnedStage(node_id=second, engine="torch", start_layer=10, end_layer=30),
+            ),
+        )
+
+    instance = placed(state, split(a, b))
+    assert [(s.node_id, s.start_layer) for s in instance.shards] == [(a, 0), (b, 10)]
+    p = instance.prediction
+    assert p is not None and p.solver_status == "manual" and len(p.stages) == 2
+    # Two stages on one device cannot be costed by the model: placed, unpredicted.
+    assert placed(state, split(a, a)).prediction is None
+    # A stage that does not fit its device's memory is refused with the shortfall.
+    tight = state_of(*cpu(a, 100 << 20, 20e9), *cpu(b, 8 * GIB, 60e9), link_between(a, b))
+    envelope = CommandEnvelope(command_id=CommandId("c"), origin=a, command=split(a, b))
+    refused = decide(tight, envelope, lambda m: CARD if m == MODEL else None, ENGINE_CTX)
+    assert isinstance(refused, Rejection) and refused.code == "placement_failed"
+    assert "short" in refused.message and f"{a}/cpu" in refused.message
 
 
 def test_a_model_too_big_for_one_device_is_split_across_linked_nodes() -> None:

@@ -3,7 +3,7 @@
 from collections.abc import Callable
 
 from exo.master.manual_split import SplitRejected, validate_manual_split
-from exo.master.placement import PlacementError, auto_place
+from exo.master.placement import PlacementError, auto_place, cost_manual_split
 from exo.shared.types.base import Frozen
 from exo.shared.types.commands import (
     CancelTask,
@@ -115,15 +115,20 @@ def _place(
         if i.model_id == command.model_id and i.failed_reason is not None
     ]
     if command.stages is not None:
-        # The manual branch: the user's split, validated (exo.master.manual_split), not costed.
+        # The manual branch: the user's split, validated (exo.master.manual_split), then
+        # costed by the solver's model where telemetry allows; refused if it does not fit.
         shards = validate_manual_split(card, state, command.stages, ctx.new_runner_ids)
         if isinstance(shards, SplitRejected):
             return Rejection(code="invalid_split", message=shards.describe())
+        costed = cost_manual_split(card, state, command, ctx.default_engine)
+        if isinstance(costed, PlacementError):
+            return Rejection(code="placement_failed", message=costed.reason)
         instance = Instance(
             instance_id=ctx.new_instance_id,
             model_id=command.model_id,
             shards=shards,
             created_at_ms=ctx.now_ms,
+            prediction=costed,
         )
         return Decision(
             events=(*cleanup, InstanceCreated(instance=instance)), created_id=instance.instance_id

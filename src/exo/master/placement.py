@@ -19,10 +19,10 @@ from exo.shared.types.instances import (
     StagePrediction,
 )
 from exo.shared.types.models import ModelCard
-from exo.shared.types.placement import Placement, PlacementRequest
+from exo.shared.types.placement import ManualStage, Placement, PlacementRequest
 from exo.shared.types.placement import PlacementError as SolverError
 from exo.shared.types.state import State
-from exo.shared.types.topology import ClusterView
+from exo.shared.types.topology import ClusterView, DeviceId
 
 # The whole solver call's budget on the master's event loop (CP-SAT gets 85 % of it). With
 # up to 16 devices the solver proves its answer optimal in 10-60 ms (docs/placement.md);
@@ -100,6 +100,50 @@ def auto_place(
     return AutoPlacement(
         shards=shards_of(result, card, runner_ids), prediction=prediction_of(result)
     )
+
+
+def cost_manual_split(
+    card: ModelCard, state: State, command: PlaceInstance, default_engine: EngineName
+) -> InstancePrediction | PlacementError | None:
+    """The predicted figures of a user's split (already validated by `manual_split`).
+
+    A `PlacementError` when it does not fit the devices' memory; None when it cannot be
+    costed (a device without telemetry yet, two stages on one device, or nodes without a
+    measured link): it is placed unpredicted, as the user asked. The cost model rates a
+    CPU stage with one engine: the split's, when all its stages share one, else this
+    node's default."""
+    if not command.stages:
+        return None
+    view = cluster_view(state)
+    stages = tuple(
+        ManualStage(
+            device_id=DeviceId(f"{s.node_id}/{s.device}"),
+            start_layer=s.start_layer,
+            end_layer=s.end_layer,
+        )
+        for s in command.stages
+    )
+    known = {d.device_id for d in view.devices}
+    ids = [s.device_id for s in stages]
+    if any(i not in known for i in ids) or len(set(ids)) != len(ids):
+        return None
+    engines = {s.engine for s in command.stages}
+    request = placement_request(
+        command.model_copy(update={"node_id": None, "engine": None}), default_engine
+    ).model_copy(
+        update={
+            "manual_split": stages,
+            "include_nodes": None,
+            "include_devices": None,
+            "exclude_nodes": (),
+            "exclude_devices": (),
+            "cpu_engine": next(iter(engines)) if len(engines) == 1 else default_engine,
+        }
+    )
+    result = place(card, view, request)
+    if isinstance(result, SolverError):
+        return PlacementError(reason=explain(result)) if result.shortfall_bytes > 0 else None
+    return prediction_of(result)
 
 
 def place_instance(
