@@ -8,7 +8,8 @@ them as the worker does). Measures, on one machine, in one run:
 - the per-hop hand-off cost, two ways: derived from those rates (a 2-stage token takes two
   hops: the activation forward and the token back), and a loopback ping-pong of real
   frames through the real codec and sockets (`StageSender` / `StageListener`);
-- aggregate tokens/s of the 2-stage pipeline with 1, 2, 4 and 8 concurrent streams.
+- aggregate tokens/s of the 2-stage pipeline with 1, 2, 4 and 8 concurrent streams;
+- the placement cost model's predicted tokens/s for both, next to the measured ones.
 
     uv run python bench/bench_pipeline.py [--engine mlx] [--tokens 128] [--rounds 2]
         [--streams 1,2,4,8] [--stream-tokens 48] [--json out.json]
@@ -27,11 +28,17 @@ from typing import Any
 
 import numpy as np
 
+from exo.master.solver import place
+from exo.models.cards import SMOLLM2_135M_INSTRUCT
 from exo.models.store import ModelStore
+from exo.shared.types.ids import NodeId
 from exo.shared.types.instances import EngineName
+from exo.shared.types.placement import ManualStage, Placement, PlacementRequest
 from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
+from exo.shared.types.topology import ClusterView, DeviceId, DeviceProfile, LinkProfile
 from exo.worker.pipeline.frames import FrameFlag, FrameKind, encode_array, encode_token
 from exo.worker.pipeline.links import LinkLost, Received, StageListener, StageSender, free_port
+from exo.worker.telemetry.profiler import cpu_bandwidth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -114,6 +121,39 @@ def loopback_hop_ms(hidden: int, rounds: int = 2000) -> float:
     return statistics.median(samples) / 2 * 1000
 
 
+def predicted_tps(engine: EngineName, bandwidth: float, hop_s: float) -> tuple[float, float]:
+    """The placement cost model's decode tokens/s for 1 stage and for the 2-stage split,
+    on two devices like this CPU joined by a link with the measured loopback hop."""
+    card = SMOLLM2_135M_INSTRUCT
+
+    def cpu(node: str) -> DeviceProfile:
+        return DeviceProfile(
+            device_id=DeviceId(f"{node}/cpu"),
+            node_id=NodeId(node),
+            name="this CPU",
+            kind="cpu",
+            memory_free_bytes=8 << 30,
+            memory_bandwidth_bytes_per_s=bandwidth,
+            compute_flops=1e11,
+        )
+
+    link = LinkProfile(src=NodeId("a"), dst=NodeId("b"), latency_s=hop_s, bandwidth_bytes_per_s=1e9)
+    view = ClusterView(devices=(cpu("a"), cpu("b")), links=(link,))
+    figures: list[float] = []
+    for split in ((("a", 0, 30),), (("a", 0, 15), ("b", 15, 30))):
+        request = PlacementRequest(
+            engine=engine,
+            manual_split=tuple(
+                ManualStage(device_id=DeviceId(f"{n}/cpu"), start_layer=a, end_layer=b)
+                for n, a, b in split
+            ),
+        )
+        placed = place(card, view, request)
+        assert isinstance(placed, Placement), placed
+        figures.append(placed.prediction.tokens_per_s)
+    return figures[0], figures[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--engine", choices=["mlx", "torch"], default="mlx")
@@ -156,6 +196,14 @@ def main() -> None:
         print(
             f"decode: 1 stage {one_tps:.2f}, 2 stages {two_tps:.2f} tokens/s, "
             f"ratio {two_tps / one_tps:.3f}; derived cost per hop {per_hop_ms:.2f} ms"
+        )
+        bandwidth, _detail = cpu_bandwidth()
+        p1, p2 = predicted_tps(engine, bandwidth, hop_ms / 1000)
+        result |= {"predicted_tps_1_stage": p1, "predicted_tps_2_stage": p2}
+        print(
+            f"placement cost model (CPU bandwidth {bandwidth / 1e9:.1f} GB/s): predicted "
+            f"1 stage {p1:.2f} (measured {one_tps:.2f}), 2 stages {p2:.2f} "
+            f"(measured {two_tps:.2f}) tokens/s"
         )
         single.close()
         counts = [int(s) for s in args.streams.split(",")]
