@@ -14,7 +14,7 @@ import pytest
 
 from exo.shared.types.ids import TaskId
 from exo.shared.types.instances import EngineName
-from exo.shared.types.stream import StreamEnd, StreamError
+from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
 from exo.worker.pipeline.frames import (
     BeginRequest,
     FrameFlag,
@@ -197,7 +197,13 @@ def test_cancel_releases_the_request_on_every_stage(mlx2: Chain) -> None:
 def test_a_killed_stage_fails_the_request_promptly(mlx2: Chain, victim: int) -> None:
     mlx2.generate("doomed", "Write a long story about a lighthouse.", 400)
     survivor = mlx2.stages[1 - victim]
-    time.sleep(2.0)
+    # Kill it mid-decode: once the last stage has streamed a token (a fixed sleep raced
+    # a slow prefill on a loaded machine).
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        message = mlx2.stages[-1].recv(timeout_s=120)
+        if isinstance(message, TokenChunk) and message.task_id == "doomed":
+            break
     os.kill(mlx2.stages[victim].proc.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     while True:
