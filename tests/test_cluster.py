@@ -196,9 +196,10 @@ def test_links_are_measured_and_garbage_on_the_mesh_closes_only_its_connection(
     wait_until("every link measured", all_links, 60)
     for targets in cluster[0].get("/state")["state"]["links"].values():
         for profile in targets.values():
-            # Loopback on a shared 2-core box: well under 50 ms, at least 50 MB/s.
-            assert 0.0 < profile["rtt_ms"] < 50.0
-            assert profile["bandwidth_bytes_per_s"] > 50e6
+            # Loopback, measured while three daemons start on a shared 2-core box (a CI run
+            # saw < 50 MB/s): plausible, not fast. The quiet figures are in docs/telemetry.md.
+            assert 0.0 < profile["rtt_ms"] < 500.0
+            assert profile["bandwidth_bytes_per_s"] > 5e6
     target = cluster[0]
     payloads = [
         b"GET / HTTP/1.1\r\n\r\n",  # garbage
