@@ -14,8 +14,9 @@ from exo.shared.types.ids import TaskId
 from exo.worker.engines.base import ChatTokenizer, ShardSpec, load_engine, warm_up
 from exo.worker.engines.choice import default_engine
 from exo.worker.engines.torch.cache import KVCache, RequestBatch
+from exo.worker.engines.torch.compiled import CompiledDecoder
 from exo.worker.engines.torch.engine import TorchEngine, TorchRequest
-from exo.worker.engines.torch.llama import ModelArgs, rope_frequencies
+from exo.worker.engines.torch.llama import BlockSteps, ModelArgs, rope_frequencies
 from exo.worker.engines.torch.quant import (
     AffineWeight,
     Int4Linear,
@@ -195,6 +196,28 @@ def test_family_matches_transformers(
         with torch.no_grad():
             theirs = reference(torch.tensor([seen])).logits[:, -1].float()
         assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (model_type, len(seen))
+
+
+def test_compiled_decode_falls_back_to_eager_when_compiling_fails(tmp_path: Path) -> None:
+    _save_tiny("llama", tmp_path)
+    engine = TorchEngine.load(tmp_path, ShardSpec(0, 3, 3), _ignore, weights="float32")
+    assert engine.decoder is None  # the dense reference formats are never compiled
+
+    def no_compiler(*_: Any) -> Any:
+        raise RuntimeError("no C++ compiler")
+
+    decoder = CompiledDecoder(engine.stage)
+    decoder._steps = BlockSteps(no_compiler, no_compiler, no_compiler)  # pyright: ignore[reportPrivateUsage]
+    prompt, step = [3, 17, 99], [42]
+    eager, compiled = engine.new_request(8, seed=0), engine.new_request(8, seed=0)
+    engine.forward(engine.token_input(prompt), eager)
+    expected = engine.forward(engine.token_input(step), eager)
+    engine.forward(engine.token_input(prompt), compiled)
+    engine.decoder = decoder
+    got = engine.forward(engine.token_input(step), compiled)
+    assert decoder.failed
+    assert torch.equal(got, expected)
+    assert compiled.cache.length == eager.cache.length == 4
 
 
 # ---- the built-in model ------------------------------------------------------------------
