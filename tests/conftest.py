@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, start_cluster
 
 BUILTIN = "smollm2-135m-instruct"
 
@@ -25,3 +25,15 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, shared_models: Path) -> Ite
         yield node
     finally:
         node.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, shared_models: Path) -> Iterator[list[Daemon]]:
+    """Three daemons on loopback that know each other by --peer (tests/test_cluster*.py)."""
+    daemons = start_cluster(tmp_path, shared_models, 3)
+    try:
+        yield daemons
+    finally:
+        for daemon in daemons:
+            if daemon.process is not None and daemon.process.poll() is None:
+                daemon.stop()

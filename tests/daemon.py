@@ -134,3 +134,16 @@ class Daemon:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def start_cluster(root: Path, models: Path, n: int, *extra: str) -> list[Daemon]:
+    mesh_ports = [free_port() for _ in range(n)]
+    daemons: list[Daemon] = []
+    for i in range(n):
+        peers = [a for j in range(n) if j != i for a in ("--peer", f"127.0.0.1:{mesh_ports[j]}")]
+        daemon = Daemon(root / f"node{i}", models, *peers, *extra)
+        daemon.mesh_port = mesh_ports[i]
+        daemons.append(daemon)
+    for daemon in daemons:
+        daemon.start()
+    return daemons

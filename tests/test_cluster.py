@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +20,9 @@ import openai
 import pytest
 
 from tests.conftest import BUILTIN
-from tests.daemon import Daemon, free_port
+from tests.daemon import Daemon
 
 pytestmark = pytest.mark.slow
-
-
-def start_cluster(root: Path, models: Path, n: int, *extra: str) -> list[Daemon]:
-    mesh_ports = [free_port() for _ in range(n)]
-    daemons: list[Daemon] = []
-    for i in range(n):
-        peers = [a for j in range(n) if j != i for a in ("--peer", f"127.0.0.1:{mesh_ports[j]}")]
-        daemon = Daemon(root / f"node{i}", models, *peers, *extra)
-        daemon.mesh_port = mesh_ports[i]
-        daemons.append(daemon)
-    for daemon in daemons:
-        daemon.start()
-    return daemons
 
 
 def views(daemons: list[Daemon]) -> list[dict[str, Any]]:
@@ -101,17 +88,6 @@ def stream_chat(daemon: Daemon, first_token: threading.Event, out: dict[str, Any
         out["error"] = repr(exc)
     finally:
         first_token.set()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, shared_models: Path) -> Iterator[list[Daemon]]:
-    daemons = start_cluster(tmp_path, shared_models, 3)
-    try:
-        yield daemons
-    finally:
-        for daemon in daemons:
-            if daemon.process is not None and daemon.process.poll() is None:
-                daemon.stop()
 
 
 def test_three_daemons_agree_then_survive_a_kill_9_of_the_master(

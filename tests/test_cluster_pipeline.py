@@ -8,8 +8,6 @@ client gets an error promptly and the next request succeeds on what is left.
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +18,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import BUILTIN
 from tests.daemon import Daemon
-from tests.test_cluster import converged, start_cluster, views, wait_until
+from tests.test_cluster import converged, views, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -70,17 +68,6 @@ def stream_until_failure(daemon: Daemon, kill: Any) -> float:
                 killed_at = time.monotonic()
     assert killed_at
     return time.monotonic() - killed_at
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, shared_models: Path) -> Iterator[list[Daemon]]:
-    daemons = start_cluster(tmp_path, shared_models, 3)
-    try:
-        yield daemons
-    finally:
-        for daemon in daemons:
-            if daemon.process is not None and daemon.process.poll() is None:
-                daemon.stop()
 
 
 def test_a_pipeline_spans_two_nodes_and_survives_losing_a_stage(

@@ -146,18 +146,6 @@ def cost_manual_split(
     return prediction_of(result)
 
 
-def place_instance(
-    card: ModelCard,
-    state: State,
-    request: PlaceInstance,
-    runner_ids: list[RunnerId],
-    default_engine: EngineName,
-) -> tuple[ShardAssignment, ...] | PlacementError:
-    """The shards alone (what callers used before predictions existed)."""
-    placed = auto_place(card, state, request, runner_ids, default_engine)
-    return placed if isinstance(placed, PlacementError) else placed.shards
-
-
 def shards_of(
     placement: Placement, card: ModelCard, runner_ids: list[RunnerId]
 ) -> tuple[ShardAssignment, ...]:
