@@ -2,7 +2,7 @@
 the built-in model against transformers reading the GGUF, slicing, batching, CUDA shapes."""
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from exo.worker.engines.choice import default_engine
 from exo.worker.engines.torch.cache import KVCache, RequestBatch
 from exo.worker.engines.torch.compiled import CompiledDecoder
 from exo.worker.engines.torch.engine import TorchEngine, TorchRequest
-from exo.worker.engines.torch.llama import BlockSteps, ModelArgs, rope_frequencies
+from exo.worker.engines.torch.llama import ModelArgs, rope_frequencies
 from exo.worker.engines.torch.quant import (
     AffineWeight,
     Int4Linear,
@@ -207,7 +207,8 @@ def test_compiled_decode_falls_back_to_eager_when_compiling_fails(tmp_path: Path
         raise RuntimeError("no C++ compiler")
 
     decoder = CompiledDecoder(engine.stage)
-    decoder._steps = BlockSteps(no_compiler, no_compiler, no_compiler)  # pyright: ignore[reportPrivateUsage]
+    decoder._step = cast(Any, no_compiler)  # pyright: ignore[reportPrivateUsage]
+    decoder.prepared = True  # as if compiled at load, failing on the first real step
     prompt, step = [3, 17, 99], [42]
     eager, compiled = engine.new_request(8, seed=0), engine.new_request(8, seed=0)
     engine.forward(engine.token_input(prompt), eager)

@@ -90,6 +90,10 @@ class RequestBatch:
         return self._positions
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        if self.n_new == 1:
+            keys = [cache.keys[layer] for cache in self.caches]
+            values = [cache.values[layer] for cache in self.caches]
+            return attend_one_new(q, k, v, keys, values, self.starts, scale)
         outs: list[Tensor] = []
         for b, (cache, start, mask) in enumerate(
             zip(self.caches, self.starts, self._masks, strict=True)
@@ -114,6 +118,31 @@ class RequestBatch:
     def advance(self) -> None:
         for cache in self.caches:
             cache.length += self.n_new
+
+
+def attend_one_new(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keys: Sequence[Tensor],
+    values: Sequence[Tensor],
+    starts: Sequence[int],
+    scale: float,
+) -> Tensor:
+    """A decode step's attention: row b's new key and value go to position starts[b] of its
+    own cache (keys[b], values[b]: [n_kv, capacity, d]), its query attends to [0, starts[b]].
+    Eager and compiled decode steps (compiled.py) both run this."""
+    outs: list[Tensor] = []
+    for b, (cached_k, cached_v, start) in enumerate(zip(keys, values, starts, strict=True)):
+        end = start + 1
+        cached_k[:, start:end] = k[b]
+        cached_v[:, start:end] = v[b]
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[b], cached_k[:, :end], cached_v[:, :end], scale=scale, enable_gqa=True
+            )
+        )
+    return torch.stack(outs)
 
 
 class SlotCache:

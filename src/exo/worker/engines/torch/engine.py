@@ -89,17 +89,8 @@ class TorchEngine:
         # The fast CPU format only: the dense formats are references and stay eager.
         if placement.weights == "int4" and compile_wanted(placement.device):
             engine.decoder = CompiledDecoder(stage)
-            engine.decoder.prepare(engine._dummy_step)
+            engine.decoder.prepare()
         return engine
-
-    def _dummy_step(self, batch_size: int) -> Tensor:
-        requests = [self.new_request(1, seed=0) for _ in range(batch_size)]
-        if self._shard.is_first:
-            x = torch.zeros((batch_size, 1), dtype=torch.int64, device=self.device)
-        else:
-            shape = (batch_size, 1, self.hidden_size)
-            x = torch.zeros(shape, dtype=self.placement.activation_dtype, device=self.device)
-        return self.forward_batch(x, requests)
 
     @property
     def stage(self) -> LlamaStage:

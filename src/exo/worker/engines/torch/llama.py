@@ -206,7 +206,7 @@ class TransformerBlock:
         q, k, v = self.before_attention(x, rope)
         return self.after_attention(x, batch.attend(layer, q, k, v, self.self_attn.scale))
 
-    # The two halves around the cache: a compiled decode step compiles each (compiled.py).
+    # The two halves around the cache (a compiled decode step attends in between itself).
     def before_attention(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
         return self.self_attn.project(self.input_layernorm(x), rope)
 
@@ -256,21 +256,13 @@ class LlamaStage:
         batch.advance()
         return out
 
-    def forward(
-        self, x: Tensor, batch: AttentionBatch, steps: "BlockSteps | None" = None
-    ) -> Tensor:
-        """`__call__` without advancing the batch, each layer's halves run by `steps` (the
-        compiled ones of a decode step) or eagerly."""
-        steps = steps or EAGER_STEPS
+    def forward(self, x: Tensor, batch: AttentionBatch) -> Tensor:
+        """`__call__` without advancing the batch."""
         h = self.embed_tokens(x) if self.embed_tokens is not None else x.to(self.activation_dtype)
         rope = Rope.at(batch.positions, self.inv_freq, self.activation_dtype)
         for index, layer in enumerate(self.layers):
-            q, k, v = steps.before_attention(layer, h, rope)
-            attended = batch.attend(index, q, k, v, layer.self_attn.scale)
-            h = steps.after_attention(layer, h, attended)
-        if not self.is_last:
-            return h
-        return steps.head(self, h)
+            h = layer(h, rope, batch, index)
+        return self.head(h) if self.is_last else h
 
     def head(self, h: Tensor) -> Tensor:
         """Hidden [B, L, D] -> float32 logits [B, vocab] of the last position only (the head
@@ -278,20 +270,6 @@ class LlamaStage:
         if self.norm is None or self.lm_head is None:
             raise ValueError("only the last stage has the output head")
         return self.lm_head(self.norm(h[:, -1, :])).float()
-
-
-@dataclass(frozen=True)
-class BlockSteps:
-    """How a stage runs the halves of each layer around the cache, and its head."""
-
-    before_attention: Callable[[TransformerBlock, Tensor, Rope], tuple[Tensor, Tensor, Tensor]]
-    after_attention: Callable[[TransformerBlock, Tensor, Tensor], Tensor]
-    head: Callable[[LlamaStage, Tensor], Tensor]
-
-
-EAGER_STEPS = BlockSteps(
-    TransformerBlock.before_attention, TransformerBlock.after_attention, LlamaStage.head
-)
 
 
 class _Checkpoint:
