@@ -38,6 +38,7 @@ from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
 from exo.shared.types.topology import ClusterView, DeviceId, DeviceProfile, LinkProfile
 from exo.worker.pipeline.frames import FrameFlag, FrameKind, encode_array, encode_token
 from exo.worker.pipeline.links import LinkLost, Received, StageListener, StageSender, free_port
+from exo.worker.supervisor import runner_env
 from exo.worker.telemetry.profiler import cpu_bandwidth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -175,7 +176,9 @@ def main() -> None:
     for sub in ("single", "two"):
         (logs / sub).mkdir()
     single = Chain(model_dir, [(engine, 0, 30)], logs / "single")
-    two = Chain(model_dir, [(engine, 0, 15), (engine, 15, 30)], logs / "two")
+    # Both stages share this machine's cores: the environment the worker gives such stages.
+    shared = {k: v for k, v in runner_env("cpu", shares_cpu=True).items() if k.startswith("OMP_")}
+    two = Chain(model_dir, [(engine, 0, 15), (engine, 15, 30)], logs / "two", env=shared)
     try:
         rates: dict[str, list[float]] = {"1-stage": [], "2-stage": []}
         for r in range(args.rounds):

@@ -1,5 +1,7 @@
 """plan() and apply() for pipeline instances: endpoints, links, dispatch once all serve."""
 
+import os
+
 from exo.shared.apply import fold
 from exo.shared.types.events import (
     Event,
@@ -13,6 +15,7 @@ from exo.shared.types.instances import Instance
 from exo.shared.types.runners import RunnerEndpoint, RunnerReady, RunnerWarmingUp
 from exo.shared.types.state import State
 from exo.worker.plan import DispatchTask, LinkStage, SpawnRunner, WorkerView, plan
+from exo.worker.supervisor import runner_env
 from tests.factories import INSTANCES, NODES, TASKS, indexed, instance, runner_of, task
 
 ME, OTHER = NODES
@@ -57,6 +60,23 @@ def test_stages_are_spawned_as_pipeline_stages() -> None:
     assert [
         a.pipeline for a in plan(single, WorkerView(node_id=ME)) if isinstance(a, SpawnRunner)
     ] == [False]
+
+
+def test_stages_sharing_this_nodes_cpu_are_flagged() -> None:
+    both_here = state_of(InstanceCreated(instance=instance(INST, ME, stages=2)))
+    spawns = [a for a in plan(both_here, WorkerView(node_id=ME)) if isinstance(a, SpawnRunner)]
+    assert [a.shares_cpu for a in spawns] == [True, True]
+    split = state_of(InstanceCreated(instance=two_nodes()))
+    spawns = [a for a in plan(split, WorkerView(node_id=ME)) if isinstance(a, SpawnRunner)]
+    assert [a.shares_cpu for a in spawns] == [False]
+
+
+def test_runner_env_lets_cpu_stages_sharing_cores_sleep_when_idle() -> None:
+    assert runner_env("cpu", shares_cpu=True)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert runner_env("cpu")["CUDA_VISIBLE_DEVICES"] == ""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        assert "OMP_WAIT_POLICY" not in runner_env("cpu")
+        assert "OMP_WAIT_POLICY" not in runner_env("cuda:0", shares_cpu=True)
 
 
 def test_each_stage_links_to_its_successor_in_the_ring() -> None:

@@ -31,6 +31,8 @@ class SpawnRunner(Frozen):
     shard: ShardAssignment
     # A stage of a multi-stage instance: it needs a listen port and a link.
     pipeline: bool = False
+    # Another stage of the same instance runs on this node's CPU too (supervisor.runner_env).
+    shares_cpu: bool = False
 
 
 class StopRunner(Frozen):
@@ -109,6 +111,11 @@ def plan(state: State, view: WorkerView) -> list[Action]:
                     model_id=instance.model_id,
                     shard=shard,
                     pipeline=len(instance.shards) > 1,
+                    shares_cpu=shard.device == "cpu"
+                    and any(
+                        s.node_id == view.node_id and s.device == "cpu" and s != shard
+                        for s in instance.shards
+                    ),
                 )
             )
     for runner_id, (instance, shard) in sorted(mine.items()):

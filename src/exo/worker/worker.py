@@ -156,6 +156,7 @@ class Worker:
             load_timeout_s=self._load_timeout_s,
             on_change=self._poke,
             link=link,
+            shares_cpu=action.shares_cpu,
         )
         self._supervisors[runner_id] = sup
         try:
