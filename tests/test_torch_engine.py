@@ -1,6 +1,7 @@
 """The torch engine: quantized kernels, every Llama-family variant against transformers,
 the built-in model against transformers reading the GGUF, slicing, batching, CUDA shapes."""
 
+import shutil
 from pathlib import Path
 from typing import Any, cast
 
@@ -45,6 +46,15 @@ INT4_MAX_LOGIT_ERROR = 1.0
 
 def _ignore(_: float) -> None:
     pass
+
+
+def _assert_compiled(engine: TorchEngine) -> None:
+    """The int4 engine decodes through compiled graphs wherever a C++ compiler is present,
+    however many stages this process loaded before it."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        return
+    decoder = engine.decoder
+    assert decoder is not None and decoder.prepared and not decoder.failed
 
 
 # ---- kernels -----------------------------------------------------------------------------
@@ -246,6 +256,7 @@ def fast(model_dir: Path) -> TorchEngine:
     engine = load_engine("torch", model_dir, ShardSpec(0, N_LAYERS, N_LAYERS), _ignore)
     assert isinstance(engine, TorchEngine)
     assert engine.placement.weights == "int4"
+    _assert_compiled(engine)
     warm_up(engine)
     return engine
 
@@ -308,6 +319,9 @@ def test_two_stage_split_equals_the_full_model(
     first = TorchEngine.load(model_dir, ShardSpec(0, SPLIT, N_LAYERS), _ignore, weights)
     last = TorchEngine.load(model_dir, ShardSpec(SPLIT, N_LAYERS, N_LAYERS), _ignore, weights)
     assert first.stage.lm_head is None and last.stage.embed_tokens is None
+    if weights == "int4":
+        for engine in (full, first, last):
+            _assert_compiled(engine)
     assert len(last.stage.layers) == N_LAYERS - SPLIT
     prompt = _prompt(tokenizer, PROMPTS[0])
     whole, one, two = (e.new_request(len(prompt) + 4, 0) for e in (full, first, last))

@@ -41,7 +41,7 @@ _SCRATCH_CAPACITY = 8
 _SCRATCH_START = 2
 # Compiled as symbols: every length (`starts`) and the capacity (dim 1) of every cache.
 _DYNAMIC_SOURCES = r"L\['starts'\].*,L\['keys'\].*:1,L\['values'\].*:1"
-# One graph per bucket, plus slack for the compiler's own specialisations.
+# Per decoder: one graph per bucket, plus slack for the compiler's own specialisations.
 _RECOMPILE_LIMIT = 4 * len(BUCKETS)
 
 
@@ -98,8 +98,10 @@ class CompiledDecoder:
         self.prepared = False
         # Distinct caches, as many as the most padding any bucket needs (3 rows -> 4).
         self._scratch = [self._cache(_SCRATCH_CAPACITY) for _ in range(max(BUCKETS) // 2 - 1)]
-        limit = torch._dynamo.config.recompile_limit  # pyright: ignore[reportPrivateUsage]
-        torch._dynamo.config.recompile_limit = max(limit, _RECOMPILE_LIMIT)  # pyright: ignore[reportPrivateUsage]
+        # Every decoder of the process shares `_decode_step`'s cache of graphs (benches and
+        # tests load several stages in one process): room for this one's.
+        config = torch._dynamo.config  # pyright: ignore[reportPrivateUsage]
+        config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT) + _RECOMPILE_LIMIT
         # The fused loops are a few thousand elements: serial C++. Threaded, each would be an
         # OpenMP barrier, and a barrier waits a whole time slice whenever the other core is
         # busy (measured: 2.6 instead of 40 tokens/s beside other jobs). The int4 matmuls
@@ -156,10 +158,9 @@ class CompiledDecoder:
         layers = range(len(self.stage.layers))
         keys = [[cache.keys[i] for cache in caches] for i in layers]
         values = [[cache.values[i] for cache in caches] for i in layers]
-        if self.prepared:
-            with torch.compiler.set_stance("eager_on_recompile"):
-                out = self._step(self.stage, x, rope.cos, rope.sin, keys, values, starts)
-        else:
+        # Compiling while preparing; afterwards a step that would need a new graph runs eagerly.
+        stance = "eager_on_recompile" if self.prepared else "default"
+        with torch.compiler.set_stance(stance):
             out = self._step(self.stage, x, rope.cos, rope.sin, keys, values, starts)
         return out[:rows] if pad else out
 
