@@ -1,3 +1,6 @@
+import getpass
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -6,6 +9,13 @@ import pytest
 from tests.daemon import Daemon, start_cluster
 
 BUILTIN = "smollm2-135m-instruct"
+# Every daemon of the session shares one inductor cache (warmed by `shared_models`) instead
+# of its own under its EXO_HOME, which would cost each a cold compile (~70 s). The folder
+# is torch's own default, so runs of the suite on one machine keep it warm.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"),
+)
 
 
 @pytest.fixture(scope="session")

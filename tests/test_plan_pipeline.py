@@ -1,6 +1,9 @@
 """plan() and apply() for pipeline instances: endpoints, links, dispatch once all serve."""
 
 import os
+from pathlib import Path
+
+import pytest
 
 from exo.shared.apply import fold
 from exo.shared.types.events import (
@@ -77,6 +80,18 @@ def test_runner_env_lets_cpu_stages_sharing_cores_sleep_when_idle() -> None:
     if "OMP_WAIT_POLICY" not in os.environ:
         assert "OMP_WAIT_POLICY" not in runner_env("cpu")
         assert "OMP_WAIT_POLICY" not in runner_env("cuda:0", shares_cpu=True)
+
+
+def test_runner_env_keeps_compiled_graphs_in_the_nodes_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cache = tmp_path / "torchinductor"
+    assert runner_env("cpu", compile_cache=cache)["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in runner_env("cpu")
+    # A folder the user chose wins.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/srv/inductor")
+    assert runner_env("cuda:0", compile_cache=cache)["TORCHINDUCTOR_CACHE_DIR"] == "/srv/inductor"
 
 
 def test_each_stage_links_to_its_successor_in_the_ring() -> None:

@@ -243,6 +243,7 @@ class Node:
             # Where other nodes reach this node's pipeline stages: the mesh's address when
             # it is bound to one, else the API's, else the first non-loopback IPv4.
             advertise_host=advertised_host(self._config.mesh_host or self._config.api_host),
+            compile_cache=self._config.cache_dir / "torchinductor",
         )
 
     async def _announce(self) -> None:

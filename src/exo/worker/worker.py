@@ -54,8 +54,11 @@ class Worker:
         load_timeout_s: float,
         advertise_host: str = "127.0.0.1",
         step_timeout_s: float = 60.0,
+        compile_cache: Path | None = None,
     ) -> None:
         self._node_id = node_id
+        # Runners keep torch's compiled graphs here (supervisor.runner_env).
+        self._compile_cache = compile_cache
         # Where other nodes reach this node's pipeline stages (see pipeline.links).
         self._advertise_host = advertise_host
         self._step_timeout_s = step_timeout_s
@@ -157,6 +160,7 @@ class Worker:
             on_change=self._poke,
             link=link,
             shares_cpu=action.shares_cpu,
+            compile_cache=self._compile_cache,
         )
         self._supervisors[runner_id] = sup
         try:
