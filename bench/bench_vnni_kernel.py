@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.cpp_extension import load  # pyright: ignore[reportUnknownVariableType]
@@ -28,6 +28,19 @@ SHAPES = {
     "head": ((49152, 576), 1),
 }
 GROUP = 32
+
+
+class Weight(NamedTuple):
+    """One matmul's weight: its values, and packed for each kernel."""
+
+    q: torch.Tensor  # [N, K] in 0..15
+    d: torch.Tensor  # [N, K / 32] scales
+    m: torch.Tensor  # [N, K / 32] minimums: w = d * q + m
+    packed: torch.Tensor  # the prototype's layout (pack)
+    d_blocks: torch.Tensor
+    m_blocks: torch.Tensor
+    theirs: torch.Tensor  # torch's int4 layout
+    scales_zeros: torch.Tensor
 
 
 def has_vnni() -> bool:
@@ -53,7 +66,7 @@ def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tenso
     return packed, per_block(d), per_block(m)
 
 
-def best_of(f: Callable[[], object], reps: int) -> float:
+def mean_time(f: Callable[[], object], reps: int) -> float:
     for _ in range(2):
         f()
     started = time.perf_counter()
@@ -62,16 +75,16 @@ def best_of(f: Callable[[], object], reps: int) -> float:
     return (time.perf_counter() - started) / reps
 
 
-def torch_pass(weights: list[tuple[torch.Tensor, ...]], xs: dict[int, torch.Tensor]) -> None:
+def torch_pass(weights: list[Weight], xs: dict[int, torch.Tensor]) -> None:
     for w in weights:
-        torch.ops.aten._weight_int4pack_mm_for_cpu(xs[w[0].shape[1]], w[6], GROUP, w[7])
+        torch.ops.aten._weight_int4pack_mm_for_cpu(
+            xs[w.q.shape[1]], w.theirs, GROUP, w.scales_zeros
+        )
 
 
-def ours_pass(
-    kernel: Any, weights: list[tuple[torch.Tensor, ...]], xs: dict[int, torch.Tensor]
-) -> None:
+def ours_pass(kernel: Any, weights: list[Weight], xs: dict[int, torch.Tensor]) -> None:
     for w in weights:
-        kernel.vnni_mm(xs[w[0].shape[1]], w[3], w[4], w[5])
+        kernel.vnni_mm(xs[w.q.shape[1]], w.packed, w.d_blocks, w.m_blocks)
 
 
 def main() -> None:
@@ -88,7 +101,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     # One distinct weight per matmul of a step, as in the model: a pass streams them all
     # from memory (~100 MB, more than the caches hold), as a decode step does.
-    weights: list[tuple[torch.Tensor, ...]] = []
+    weights: list[Weight] = []
     ours_bytes = torch_bytes = 0
     for (n, k), count in SHAPES.values():
         for _ in range(count):
@@ -99,7 +112,8 @@ def main() -> None:
             # torch's kernel dequantizes (q - 8) * scale + zero.
             theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             scales_zeros = torch.stack([d.t(), (m + 8 * d).t()], -1).to(torch.bfloat16)
-            weights.append((q, d, m, packed, d_blocks, m_blocks, theirs, scales_zeros.contiguous()))
+            scales_zeros = scales_zeros.contiguous()
+            weights.append(Weight(q, d, m, packed, d_blocks, m_blocks, theirs, scales_zeros))
             ours_bytes += packed.numel() + 4 * (d_blocks.numel() + m_blocks.numel())
             torch_bytes += theirs.numel() * theirs.element_size() + 2 * scales_zeros.numel()
     print(
@@ -108,11 +122,11 @@ def main() -> None:
     for threads in (2, 1):
         torch.set_num_threads(threads)
         for rows in (1, 2, 4):
-            xs = {k: torch.randn(rows, k, generator=gen) for k in {w[0].shape[1] for w in weights}}
+            xs = {k: torch.randn(rows, k, generator=gen) for k in {w.q.shape[1] for w in weights}}
             xbs = {k: x.to(torch.bfloat16) for k, x in xs.items()}
 
-            torch_s = best_of(functools.partial(torch_pass, weights, xbs), reps=10)
-            ours_s = best_of(functools.partial(ours_pass, kernel, weights, xs), reps=10)
+            torch_s = mean_time(functools.partial(torch_pass, weights, xbs), reps=10)
+            ours_s = mean_time(functools.partial(ours_pass, kernel, weights, xs), reps=10)
             print(
                 f"{threads} threads, {rows} rows: a step's matmuls, torch int4 "
                 f"{torch_s * 1e3:5.2f} ms, VNNI prototype {ours_s * 1e3:5.2f} ms "
@@ -120,15 +134,15 @@ def main() -> None:
             )
     # Accuracy on a layer-sized and the head's weight, against float32 on the same weights.
     for index in (0, len(weights) - 1):
-        q, d, m, packed, d_blocks, m_blocks, theirs, scales_zeros = weights[index]
-        n, k = q.shape
-        dense = (q.float().view(n, -1, GROUP) * d[..., None] + m[..., None]).view(n, k)
+        w = weights[index]
+        n, k = w.q.shape
+        dense = (w.q.float().view(n, -1, GROUP) * w.d[..., None] + w.m[..., None]).view(n, k)
         x = torch.randn(4, k, generator=gen)
         reference = x @ dense.t()
         scale = float(reference.abs().max())
-        ours = kernel.vnni_mm(x, packed, d_blocks, m_blocks)
+        ours = kernel.vnni_mm(x, w.packed, w.d_blocks, w.m_blocks)
         their = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16), theirs, GROUP, scales_zeros
+            x.to(torch.bfloat16), w.theirs, GROUP, w.scales_zeros
         ).float()
         print(
             f"[{n}, {k}] max error / max |y|: torch (bf16 activations) "

@@ -54,9 +54,9 @@ from exo.worker.runner.protocol import (
     frame_length,
 )
 
-_STDERR_TAIL_LINES = 20
 # Where torch's inductor keeps compiled graphs (read by torch in the runner).
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+_STDERR_TAIL_LINES = 20
 _STOP_GRACE_S = 5.0
 
 

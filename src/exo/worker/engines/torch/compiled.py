@@ -97,7 +97,7 @@ class CompiledDecoder:
         # runs eagerly instead of stalling every request for the compiler.
         self.prepared = False
         # Distinct caches, as many as the most padding any bucket needs (3 rows -> 4).
-        self._scratch = [self._cache(_SCRATCH_CAPACITY) for _ in range(max(BUCKETS) // 2 - 1)]
+        self._scratch = [stage.new_cache(_SCRATCH_CAPACITY) for _ in range(max(BUCKETS) // 2 - 1)]
         # Every decoder of the process shares `_decode_step`'s cache of graphs (benches and
         # tests load several stages in one process): room for this one's.
         config = torch._dynamo.config  # pyright: ignore[reportPrivateUsage]
@@ -178,7 +178,7 @@ class CompiledDecoder:
                 else:
                     shape = (bucket, 1, stage.args.hidden_size)
                     x = torch.zeros(shape, dtype=stage.activation_dtype, device=stage.device)
-                caches = [self._cache(4 * _SCRATCH_CAPACITY) for _ in range(bucket)]
+                caches = [stage.new_cache(4 * _SCRATCH_CAPACITY) for _ in range(bucket)]
                 starts = [_SCRATCH_START + b for b in range(bucket)]
                 positions = torch.tensor(starts, device=stage.device)[:, None]
                 try:
@@ -189,15 +189,3 @@ class CompiledDecoder:
                     return
         self.prepared = True
         logger.info(f"compiled decode steps in {time.perf_counter() - started:.1f} s")
-
-    def _cache(self, capacity: int) -> KVCache:
-        stage, args = self.stage, self.stage.args
-        cache = KVCache.allocate(
-            len(stage.layers),
-            args.num_key_value_heads,
-            args.head_dim,
-            capacity,
-            stage.activation_dtype,
-            stage.device,
-        )
-        return cache

@@ -115,16 +115,8 @@ class TorchEngine:
     def new_request(self, context_tokens: int, seed: int | None) -> TorchRequest:
         if not 0 < context_tokens <= self.context_length:
             raise ValueError(f"context of {context_tokens} tokens exceeds {self.context_length}")
-        args = self._stage.args
         with torch.no_grad():
-            cache = KVCache.allocate(
-                len(self._stage.layers),
-                args.num_key_value_heads,
-                args.head_dim,
-                context_tokens,
-                self.placement.activation_dtype,
-                self.device,
-            )
+            cache = self._stage.new_cache(context_tokens)
         generator = torch.Generator(self.device)
         generator.manual_seed(secrets.randbits(63) if seed is None else seed)
         return TorchRequest(cache, generator)

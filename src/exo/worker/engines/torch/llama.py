@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor
 
-from exo.worker.engines.torch.cache import AttentionBatch
+from exo.worker.engines.torch.cache import AttentionBatch, KVCache
 from exo.worker.engines.torch.quant import (
     AffineWeight,
     DenseEmbedding,
@@ -263,6 +263,18 @@ class LlamaStage:
         for index, layer in enumerate(self.layers):
             h = layer(h, rope, batch, index)
         return self.head(h) if self.is_last else h
+
+    def new_cache(self, capacity: int) -> KVCache:
+        """Keys and values of one request for every layer of this stage, `capacity` tokens."""
+        args = self.args
+        return KVCache.allocate(
+            len(self.layers),
+            args.num_key_value_heads,
+            args.head_dim,
+            capacity,
+            self.activation_dtype,
+            self.device,
+        )
 
     def head(self, h: Tensor) -> Tensor:
         """Hidden [B, L, D] -> float32 logits [B, vocab] of the last position only (the head
