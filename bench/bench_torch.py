@@ -1,42 +1,64 @@
 """The torch engine against raw mlx_lm, transformers and the memory-bandwidth roofline.
 
-One process, same prompt, greedy, 128 new tokens; rounds alternate between the engines so
-load from other processes hits all alike (medians reported). Ours runs twice: with its
-compiled decode step (the default) and eagerly. Also: 1/2/4/8 concurrent streams batched
-(aggregate tokens/s vs one stream), the load time (compiling included), and resident
-memory of a loaded model vs its weights on disk (measured in a fresh subprocess).
+Same prompt, greedy, 128 new tokens; each engine is loaded once in a process of its own
+(`bench/torch_worker.py`, as the daemon runs an engine in a runner process) and rounds
+alternate between the engines so load from other processes hits all alike (medians
+reported). Ours runs twice: with its compiled decode step (the default) and eagerly.
+Also: 1/2/4/8 concurrent streams batched (aggregate tokens/s vs one stream), the load time
+(compiling included), and resident memory of a loaded model vs its weights on disk.
 
     uv run python bench/bench_torch.py [MODEL_DIR] [--rounds 2] [--tokens 128]
 """
 
 import argparse
-import gc
 import json
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-import torch
 
-from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
-from exo.shared.types.ids import TaskId
-from exo.worker.engines.base import ChatTokenizer, ShardSpec, warm_up
-from exo.worker.engines.torch.engine import TorchEngine
-from exo.worker.generate import generate
-
-PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 STREAMS = (1, 2, 4, 8)
+ROOT = Path(__file__).resolve().parent.parent
 
 
-class Run:
-    def __init__(self, ttft_s: float, decode_tps: float) -> None:
-        self.ttft_s = ttft_s
-        self.decode_tps = decode_tps
+class Worker:
+    """One engine in its own process (`bench/torch_worker.py`)."""
+
+    def __init__(self, kind: str, model_dir: Path, n: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.torch_worker", kind, str(model_dir), str(n)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        while (line := self._read()) != "READY":
+            if not line:
+                raise RuntimeError(f"the {kind} worker exited before it was ready")
+
+    def _read(self) -> str:
+        stdout: IO[str] | None = self.process.stdout
+        assert stdout is not None
+        return stdout.readline().strip()
+
+    def ask(self, command: str) -> dict[str, Any]:
+        stdin: IO[str] | None = self.process.stdin
+        assert stdin is not None
+        stdin.write(command + "\n")
+        stdin.flush()
+        line = self._read()
+        if not line:
+            raise RuntimeError(f"the worker exited on {command!r}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
 
 
 def bandwidth_gbps() -> float:
@@ -53,81 +75,6 @@ def bandwidth_gbps() -> float:
 
 def weights_bytes(model_dir: Path) -> int:
     return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-
-
-def run_ours(
-    engine: TorchEngine, tokenizer: ChatTokenizer, n: int, compiled: bool
-) -> Callable[[], Run]:
-    decoder = engine.decoder
-    params = ChatParams(
-        messages=(ChatMessage(role="user", content=PROMPT),),
-        sampling=SamplingParams(max_tokens=n, temperature=0.0, top_p=1.0),
-    )
-
-    def once() -> Run:
-        engine.decoder = decoder if compiled else None
-        started = time.perf_counter()
-        times: list[float] = []
-        for message in generate(engine, tokenizer, TaskId("bench"), params):
-            if message.kind == "token":
-                times.append(time.perf_counter())
-        engine.decoder = decoder
-        return Run(times[0] - started, (len(times) - 1) / (times[-1] - times[0]))
-
-    return once
-
-
-def run_streams(engine: TorchEngine, prompt: list[int], n: int, streams: int) -> float:
-    """Aggregate decode tokens/s of `streams` greedy requests advanced together."""
-    greedy = SamplingParams(max_tokens=n, temperature=0.0, top_p=1.0)
-    requests = [engine.new_request(len(prompt) + n + 1, seed=0) for _ in range(streams)]
-    tokens = [
-        engine.read_token(engine.sample(engine.forward(engine.token_input(prompt), r), greedy, r))
-        for r in requests
-    ]
-    started = time.perf_counter()
-    for _ in range(n - 1):
-        x = torch.tensor([[t] for t in tokens])
-        logits = engine.forward_batch(x, requests)
-        tokens = engine.read_tokens(engine.sample_batch(logits, [greedy] * streams, requests))
-    return streams * (n - 1) / (time.perf_counter() - started)
-
-
-def run_mlx_lm(model_dir: Path, prompt: list[int], n: int) -> Callable[[], Run]:
-    import mlx.core as mx
-    import mlx_lm  # pyright: ignore[reportMissingTypeStubs]
-    from mlx_lm.generate import generate_step  # pyright: ignore[reportMissingTypeStubs]
-
-    loaded: Any = mlx_lm.load(str(model_dir))  # pyright: ignore[reportUnknownMemberType]
-    model = loaded[0]
-
-    def once() -> Run:
-        started = time.perf_counter()
-        times: list[float] = []
-        steps: Any = generate_step(mx.array(prompt), model, max_tokens=n)
-        for _ in steps:
-            times.append(time.perf_counter())
-        return Run(times[0] - started, (len(times) - 1) / (times[-1] - times[0]))
-
-    return once
-
-
-def run_transformers(prompt: list[int], n: int) -> Callable[[], Run]:
-    from exo.models.builtin import builtin_gguf_path
-    from exo.models.reference import HfGgufModel
-
-    model = HfGgufModel.load(builtin_gguf_path())
-
-    def once() -> Run:
-        started = time.perf_counter()
-        model.greedy(prompt, 1)
-        first = time.perf_counter()
-        model.greedy(prompt, n)
-        total = time.perf_counter() - first
-        # The second call repeats the prefill: take it out of the decode time.
-        return Run(first - started, (n - 1) / (total - (first - started)))
-
-    return once
 
 
 def rss_of_loaded_model(model_dir: Path) -> dict[str, float]:
@@ -170,44 +117,43 @@ def main() -> None:
 
     rss = rss_of_loaded_model(model_dir)
     disk = weights_bytes(model_dir)
-    started = time.perf_counter()
-    engine = TorchEngine.load(model_dir, ShardSpec(0, 30, 30), lambda _: None)
-    load_s = time.perf_counter() - started
-    warm_up(engine)
-    tokenizer = ChatTokenizer.from_dir(model_dir)
-    prompt = tokenizer.encode_chat([ChatMessage(role="user", content=PROMPT)])
-    runners: dict[str, Callable[[], Run]] = {
-        "torch (ours)": run_ours(engine, tokenizer, n, compiled=True),
-        "torch eager (ours)": run_ours(engine, tokenizer, n, compiled=False),
-    }
+    names = {"torch (ours)": "ours", "torch eager (ours)": "eager"}
     if not args.skip_references:
-        runners["mlx_lm"] = run_mlx_lm(model_dir, prompt, n)
-        runners["transformers fp32"] = run_transformers(prompt, n)
-    results: dict[str, list[Run]] = {name: [] for name in runners}
+        names |= {"mlx_lm": "mlx_lm", "transformers fp32": "transformers"}
+    workers = {name: Worker(kind, model_dir, n) for name, kind in names.items()}
+    ours = workers["torch (ours)"]
+    info = ours.ask("info")
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in workers}
     streams: dict[int, list[float]] = {count: [] for count in STREAMS}
     bandwidths: list[float] = []
-    for _ in range(args.rounds):
-        bandwidths.append(bandwidth_gbps())
-        for name, once in runners.items():
-            gc.collect()
-            results[name].append(once())
-        for count in STREAMS:
-            streams[count].append(run_streams(engine, prompt, n, count))
+    try:
+        for _ in range(args.rounds):
+            bandwidths.append(bandwidth_gbps())
+            for name, worker in workers.items():
+                results[name].append(worker.ask("run"))
+            for count in STREAMS:
+                streams[count].append(ours.ask(f"streams {count}")["tps"])
+    finally:
+        for worker in workers.values():
+            worker.close()
 
     bandwidth = statistics.median(bandwidths)
     roofline = bandwidth * 1e9 / disk
-    ours = statistics.median(r.decode_tps for r in results["torch (ours)"])
-    print(f"threads {torch.get_num_threads()}, prompt {len(prompt)} tokens, {n} new, greedy")
-    compiled = engine.decoder is not None and not engine.decoder.failed
-    print(f"load {load_s:.1f} s (compiled decode: {'yes' if compiled else 'no'}, included)")
+    mine = statistics.median(r["decode_tps"] for r in results["torch (ours)"])
+    print(
+        f"threads {info['threads']}, prompt {info['prompt_tokens']} tokens, {n} new, greedy; "
+        "each engine in its own process"
+    )
+    compiled = "yes" if info["compiled"] else "no"
+    print(f"load {info['load_s']:.1f} s (compiled decode: {compiled}, included)")
     print(f"copy bandwidth {bandwidth:.1f} GB/s; weights {disk / 1e6:.1f} MB on disk")
     print(f"roofline {roofline:.0f} tokens/s (bandwidth / weight bytes)")
     for name, runs in results.items():
-        tps = statistics.median(r.decode_tps for r in runs)
-        ttft = statistics.median(r.ttft_s for r in runs) * 1000
+        tps = statistics.median(r["decode_tps"] for r in runs)
+        ttft = statistics.median(r["ttft_s"] for r in runs) * 1000
         print(
             f"{name:>18}: decode {tps:6.1f} tokens/s  TTFT {ttft:6.0f} ms  "
-            f"= {tps / roofline:.2f} x roofline, ours = {ours / tps:.1f} x this"
+            f"= {tps / roofline:.2f} x roofline, ours = {mine / tps:.1f} x this"
         )
     one = statistics.median(streams[1])
     for count, rates in streams.items():
