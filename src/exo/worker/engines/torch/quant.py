@@ -4,6 +4,8 @@ Checkpoints hold weights either dense or in MLX's affine layout: per group of `g
 inputs, w = scale * q + bias with unsigned q packed little-end first into uint32 words.
 Every format below is built from that one intermediate (`AffineWeight`):
 
+- `VnniLinear`: our 4-/8-bit weight x int8 activation kernel (`vnni.py`) on CPUs with
+  AVX512-VNNI, where it builds. The default on such CPUs; `Int4Linear` elsewhere.
 - `Int4Linear`: torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), bf16 activations.
   The kernel dequantizes as (q - 8) * scale + zero, so zero = bias + 8 * scale.
   8-bit weights run on the same kernel as two 4-bit planes, q = 16 * hi + lo, laid side by
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from exo.worker.engines.torch import vnni
+
 WeightFormat = Literal["int4", "bfloat16", "float16", "float32"]
 DENSE_DTYPES: dict[WeightFormat, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -34,6 +38,8 @@ _INT4_ROW_MULTIPLE = 16
 _ROWS_PER_BLOCK = 1024
 # The int4 kernel's zero point: it dequantizes (q - 8) * scale + zero.
 _INT4_MIDPOINT = 8
+# float16 (the VNNI kernel's scales) overflows past this.
+_FLOAT16_MAX = 65504.0
 
 
 class Linear(Protocol):
@@ -135,6 +141,24 @@ class DenseLinear:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
+def int4_planes(weight: AffineWeight) -> tuple[Tensor, Tensor, Tensor, int]:
+    """4-bit values q [out, planes * in] with w = scales * q + biases per group, and the
+    number of planes: 4-bit weights are one plane, 8-bit ones two."""
+    if weight.bits == 4:
+        return weight.q, weight.scales, weight.biases, 1
+    if weight.bits == 8:
+        # w = s*q + b = (16 s * hi + b) + s * lo: two 4-bit planes side by side along the
+        # input axis (the input is repeated). The bias goes with the high plane, where
+        # torch's kernel zero (b + 128 s) is ~0 for symmetric weights, so rounding it to
+        # bf16 costs nothing.
+        hi, lo = weight.q >> 4, weight.q & 15
+        q = torch.cat([hi, lo], dim=1)
+        scales = torch.cat([16 * weight.scales, weight.scales], dim=1)
+        biases = torch.cat([weight.biases, torch.zeros_like(weight.biases)], dim=1)
+        return q, scales, biases, 2
+    raise ValueError(f"{weight.bits}-bit weights do not fit the int4 kernels")
+
+
 class Int4Linear:
     """Groupwise 4-bit (or 8-bit as two 4-bit planes) weights on torch's int4 CPU kernel.
 
@@ -162,19 +186,7 @@ class Int4Linear:
     def from_affine(cls, weight: AffineWeight, bias: Tensor | None) -> "Int4Linear":
         if weight.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"group size {weight.group_size} is not one the int4 kernel takes")
-        if weight.bits == 4:
-            q, scales, zeros, planes = weight.q, weight.scales, weight.biases, 1
-        elif weight.bits == 8:
-            # w = s*q + b = (16 s * hi + b) + s * lo: two 4-bit planes. The bias goes with
-            # the high plane, where the kernel's zero (b + 128 s) is ~0 for symmetric
-            # weights, so rounding it to bf16 costs nothing.
-            hi, lo = weight.q >> 4, weight.q & 15
-            q = torch.cat([hi, lo], dim=1)
-            scales = torch.cat([16 * weight.scales, weight.scales], dim=1)
-            zeros = torch.cat([weight.biases, torch.zeros_like(weight.biases)], dim=1)
-            planes = 2
-        else:
-            raise ValueError(f"{weight.bits}-bit weights do not fit the int4 kernel")
+        q, scales, zeros, planes = int4_planes(weight)
         # Packed by row blocks (the layout is per block of 16 rows): small int32 scratch.
         packed = torch.cat(
             [
@@ -217,6 +229,76 @@ class Int4Linear:
         return y.view(*lead, y.shape[-1])
 
 
+class VnniLinear:
+    """4-bit or 8-bit groupwise weights on our VNNI kernel (`vnni.qmm`).
+
+    Takes any float activations and returns float32 (the residual's dtype). Scales and
+    minimums are kept in float16: exact for GGUF and float16 MLX checkpoints."""
+
+    def __init__(
+        self, packed: Tensor, d: Tensor, m: Tensor, in_features: int, bias: Tensor | None
+    ) -> None:
+        self.packed = packed
+        self.d = d
+        self.m = m
+        self._in_features = in_features
+        self.bias = bias
+
+    @staticmethod
+    def fits(weight: AffineWeight) -> bool:
+        """Whether the kernel takes this weight: 4 or 8 bits, rows in blocks of 16, groups
+        of a multiple of 32 inputs, scales and minimums within float16's range."""
+        out, n_in = weight.shape
+        return (
+            weight.bits in (4, 8)
+            and out % vnni.BLOCK_ROWS == 0
+            and weight.group_size % vnni.GROUP == 0
+            and n_in % weight.group_size == 0
+            and bool(weight.scales.abs().max() < _FLOAT16_MAX)
+            and bool(weight.biases.abs().max() < _FLOAT16_MAX)
+        )
+
+    @classmethod
+    def from_affine(cls, weight: AffineWeight, bias: Tensor | None) -> "VnniLinear":
+        if not cls.fits(weight):
+            raise ValueError("this weight does not fit the VNNI kernel")
+        # The kernel's scales are per 32 inputs: larger groups repeat theirs.
+        repeat = weight.group_size // vnni.GROUP
+        d = weight.scales.repeat_interleave(repeat, dim=1)
+        m = weight.biases.repeat_interleave(repeat, dim=1)
+        parts = [
+            vnni.pack(
+                weight.q[row : row + _ROWS_PER_BLOCK],
+                d[row : row + _ROWS_PER_BLOCK],
+                m[row : row + _ROWS_PER_BLOCK],
+                weight.bits,
+            )
+            for row in range(0, weight.shape[0], _ROWS_PER_BLOCK)
+        ]
+        return cls(
+            torch.cat([p[0] for p in parts]),
+            torch.cat([p[1] for p in parts]),
+            torch.cat([p[2] for p in parts]),
+            weight.shape[1],
+            None if bias is None else bias.float(),
+        )
+
+    @property
+    def in_features(self) -> int:
+        return self._in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0] * vnni.BLOCK_ROWS
+
+    def __call__(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = vnni.qmm(x.reshape(-1, x.shape[-1]).float().contiguous(), self.packed, self.d, self.m)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, y.shape[-1])
+
+
 def int4_kernel_available() -> bool:
     """Whether this torch build has the CPU int4 kernels (torch >= 2.6 on x86/arm CPUs)."""
     try:
@@ -241,6 +323,8 @@ def make_linear(
         if device.type != "cpu":
             raise ValueError("the int4 format runs on CPU only")
         affine = weight if isinstance(weight, AffineWeight) else quantize_affine(weight, 4, 32)
+        if VnniLinear.fits(affine) and vnni.available():
+            return VnniLinear.from_affine(affine, bias)
         fits = affine.shape[0] % _INT4_ROW_MULTIPLE == 0 and affine.group_size in INT4_GROUP_SIZES
         if affine.bits in (4, 8) and fits:
             return Int4Linear.from_affine(affine, bias)

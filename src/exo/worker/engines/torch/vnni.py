@@ -1,0 +1,139 @@
+"""Our int4/int8 x int8 CPU matmul (`kernels/qmm_vnni.cpp`, op `exo::qmm`), built at first use.
+
+torch's int4 CPU kernel dequantizes each weight block once per row of input, so four
+batched requests cost it ~1.7x one; ours quantizes the activations per group of 32 to two
+int8 parts (~15 bits, finer than the bf16 torch's kernel takes) and multiplies them with
+the 4-bit or 8-bit weights with AVX512-VNNI, reading each weight block once for up to four
+rows. The engine uses it on CPUs with
+AVX512-VNNI when a C++ compiler is present (the same compiler inductor needs); anywhere
+else, or with `EXO_TORCH_INT4_KERNEL=torch`, it keeps torch's kernel. Measurements and the
+accuracy cost: docs/torch_engine.md.
+
+The extension is compiled once per machine into the compile cache
+(`$TORCHINDUCTOR_CACHE_DIR/exo_kernels`, which the worker points at the node's cache) or
+torch's extension folder, and loaded from there afterwards.
+"""
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+from loguru import logger
+from torch import Tensor
+
+# "torch" keeps torch's int4 kernel; "vnni" (or unset) uses ours where the CPU has VNNI.
+KERNEL_ENV = "EXO_TORCH_INT4_KERNEL"
+_SOURCE = Path(__file__).parent / "kernels" / "qmm_vnni.cpp"
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c"]
+# ATen's parallel_for is an OpenMP pragma in its header: without -fopenmp it runs on one
+# thread. The extension then needs libgomp.so.1, which resolves to the one torch loaded.
+_OPENMP = ["-fopenmp"]
+GROUP = 32
+BLOCK_ROWS = 16
+# Rows packed at a time while loading (a multiple of BLOCK_ROWS): small scratch.
+
+_lock = threading.Lock()
+_loaded: bool | None = None
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return all(flag in flags for flag in _CPU_FLAGS)
+    return False
+
+
+def _build_directory() -> Path | None:
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return Path(cache) / "exo_kernels" if cache else None
+
+
+def _build_and_load() -> None:
+    from torch.utils.cpp_extension import load  # pyright: ignore[reportUnknownVariableType]
+
+    directory = _build_directory()
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    load(
+        name="exo_qmm_vnni",
+        sources=[str(_SOURCE)],
+        extra_cflags=_CFLAGS + _OPENMP,
+        extra_ldflags=_OPENMP,
+        build_directory=None if directory is None else str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
+
+    @torch.library.register_fake("exo::qmm")  # pyright: ignore[reportUnknownMemberType, reportUntypedFunctionDecorator]
+    def _(x: Tensor, w: Tensor, d: Tensor, m: Tensor) -> Tensor:  # pyright: ignore[reportUnusedFunction]
+        return x.new_empty((x.shape[0], w.shape[0] * BLOCK_ROWS))
+
+
+def available() -> bool:
+    """Whether layers should run on `exo::qmm`: not refused by $EXO_TORCH_INT4_KERNEL, a
+    CPU with VNNI, a C++ compiler, and the extension built and loaded (once a process)."""
+    choice = os.environ.get(KERNEL_ENV, "").strip() or "vnni"
+    if choice not in ("vnni", "torch"):
+        raise ValueError(f"${KERNEL_ENV}={choice!r}; expected vnni or torch")
+    if choice == "torch":
+        return False
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _try_to_load()
+        return _loaded
+
+
+def _try_to_load() -> bool:
+    if not _cpu_has_vnni():
+        return False
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        logger.warning("no C++ compiler: the quantized layers use torch's int4 kernel")
+        return False
+    started = time.perf_counter()
+    try:
+        _build_and_load()
+    except Exception as error:  # a compiler or toolchain failure of any kind
+        logger.warning(f"building the VNNI kernel failed ({error}); using torch's int4 kernel")
+        return False
+    logger.debug(f"VNNI kernel ready in {time.perf_counter() - started:.1f} s")
+    return True
+
+
+def pack(q: Tensor, d: Tensor, m: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q uint8 [N, K] in 0..2^bits - 1, d and m float [N, K / 32] (w = d * q + m) -> the
+    kernel's blocks: uint8 [N / 16, K / 32, L, 64] (L = 4 for 4 bits, 8 for 8 bits) and
+    float16 [N / 16, K / 32, 16] twice."""
+    n, k = q.shape
+    nb, groups = n // BLOCK_ROWS, k // GROUP
+    blocks = q.view(nb, BLOCK_ROWS, groups, GROUP).permute(0, 2, 1, 3)  # [nb, g, lane, 32]
+    if bits == 4:
+        # Input 4i + b of the group's low half in the low nibble, of its high half above.
+        low = blocks[..., : GROUP // 2].reshape(nb, groups, BLOCK_ROWS, 4, 4)
+        high = blocks[..., GROUP // 2 :].reshape(nb, groups, BLOCK_ROWS, 4, 4)
+        words = low | (high << 4)
+    elif bits == 8:
+        words = blocks.reshape(nb, groups, BLOCK_ROWS, 8, 4)
+    else:
+        raise ValueError(f"the VNNI kernel takes 4- or 8-bit weights, not {bits}-bit")
+    # [nb, g, lane, i, b] -> [nb, g, i, lane, b]: load i holds word i of every lane.
+    packed = words.permute(0, 1, 3, 2, 4).contiguous().view(nb, groups, -1, 64)
+
+    def per_block(t: Tensor) -> Tensor:
+        return t.reshape(nb, BLOCK_ROWS, groups).permute(0, 2, 1).half().contiguous()
+
+    return packed, per_block(d), per_block(m)
+
+
+def qmm(x: Tensor, packed: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """float32 x [M, K] (contiguous) times the packed weight, transposed: float32 [M, N]."""
+    return torch.ops.exo.qmm(x, packed, d, m)
