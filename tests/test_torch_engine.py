@@ -139,16 +139,37 @@ def test_vnni_kernel_rejects_what_it_cannot_take() -> None:
         VnniLinear.from_affine(odd, None)
 
 
+@needs_vnni
+def test_decode_attention_kernel_matches_sdpa() -> None:
+    gen = torch.Generator().manual_seed(5)
+    heads, kv_heads, d, capacity = 9, 3, 64, 40
+    keys = [torch.randn(kv_heads, capacity, d, generator=gen) for _ in range(4)]
+    values = [torch.randn(kv_heads, capacity, d, generator=gen) for _ in range(4)]
+    # One position; fewer than, exactly and more than 16 (the kernel's vector); all.
+    lengths = [1, 16, 23, capacity]
+    q = torch.randn(4, heads, 1, d, generator=gen) * 3
+    got = vnni.decode_attention(q, keys, values, lengths, d**-0.5)
+    for b, length in enumerate(lengths):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[b], keys[b][:, :length], values[b][:, :length], scale=d**-0.5, enable_gqa=True
+        )
+        assert torch.allclose(got[b], expected, rtol=1e-5, atol=1e-5), length
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        vnni.decode_attention(q, keys, values, [1, 16, 23, capacity + 1], 1.0)
+    with pytest.raises(RuntimeError, match="group"):
+        vnni.decode_attention(torch.zeros(4, 8, 1, d), keys, values, lengths, 1.0)
+
+
 def test_int4_kernel_choice_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     weight = _random_affine(48, 64, 4, seed=4)
     cpu = torch.device("cpu")
     monkeypatch.setenv(vnni.KERNEL_ENV, "torch")
     assert isinstance(make_linear(weight, None, "int4", cpu), Int4Linear)
-    monkeypatch.setenv(vnni.KERNEL_ENV, "vnni")
+    monkeypatch.setenv(vnni.KERNEL_ENV, "ours")
     expected = VnniLinear if VNNI_HERE else Int4Linear
     assert isinstance(make_linear(weight, None, "int4", cpu), expected)
     monkeypatch.setenv(vnni.KERNEL_ENV, "fastest")
-    with pytest.raises(ValueError, match="EXO_TORCH_INT4_KERNEL"):
+    with pytest.raises(ValueError, match="EXO_TORCH_CPU_KERNELS"):
         make_linear(weight, None, "int4", cpu)
 
 
@@ -313,8 +334,9 @@ def fast(model_dir: Path) -> TorchEngine:
     assert isinstance(engine, TorchEngine)
     assert engine.placement.weights == "int4"
     _assert_compiled(engine)
-    layer = engine.stage.layers[0].mlp.down_proj
-    assert isinstance(layer, VnniLinear if VNNI_HERE else Int4Linear)
+    layer = engine.stage.layers[0]
+    assert isinstance(layer.mlp.down_proj, VnniLinear if VNNI_HERE else Int4Linear)
+    assert layer.self_attn.kernel == VNNI_HERE
     warm_up(engine)
     return engine
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from exo.worker.engines.torch import vnni
+
 
 class AttentionBatch(Protocol):
     @property
@@ -25,8 +27,11 @@ class AttentionBatch(Protocol):
         """[B, L] position of each new token."""
         ...
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """Store k, v [B, n_kv, L, d] in layer's cache; attention of q [B, n_heads, L, d]."""
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: bool = False
+    ) -> Tensor:
+        """Store k, v [B, n_kv, L, d] in layer's cache; attention of q [B, n_heads, L, d].
+        `kernel`: decode through our batched attention kernel (`vnni.decode_attention`)."""
         ...
 
     def advance(self) -> None:
@@ -89,11 +94,13 @@ class RequestBatch:
     def positions(self) -> Tensor:
         return self._positions
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: bool = False
+    ) -> Tensor:
         if self.n_new == 1:
             keys = [cache.keys[layer] for cache in self.caches]
             values = [cache.values[layer] for cache in self.caches]
-            return attend_one_new(q, k, v, keys, values, self.starts, scale)
+            return attend_one_new(q, k, v, keys, values, self.starts, scale, kernel)
         outs: list[Tensor] = []
         for b, (cache, start, mask) in enumerate(
             zip(self.caches, self.starts, self._masks, strict=True)
@@ -128,20 +135,24 @@ def attend_one_new(
     values: Sequence[Tensor],
     starts: Sequence[int],
     scale: float,
+    kernel: bool = False,
 ) -> Tensor:
     """A decode step's attention: row b's new key and value go to position starts[b] of its
     own cache (keys[b], values[b]: [n_kv, capacity, d]), its query attends to [0, starts[b]].
-    Eager and compiled decode steps (compiled.py) both run this."""
-    outs: list[Tensor] = []
+    Eager and compiled decode steps (compiled.py) both run this. `kernel`: one call of our
+    batched attention instead of one SDPA per request (the stage decides at load)."""
     for b, (cached_k, cached_v, start) in enumerate(zip(keys, values, starts, strict=True)):
-        end = start + 1
-        cached_k[:, start:end] = k[b]
-        cached_v[:, start:end] = v[b]
-        outs.append(
-            F.scaled_dot_product_attention(
-                q[b], cached_k[:, :end], cached_v[:, :end], scale=scale, enable_gqa=True
-            )
+        cached_k[:, start : start + 1] = k[b]
+        cached_v[:, start : start + 1] = v[b]
+    if kernel:
+        lengths = [start + 1 for start in starts]
+        return vnni.decode_attention(q, list(keys), list(values), lengths, scale)
+    outs = [
+        F.scaled_dot_product_attention(
+            q[b], cached_k[:, : start + 1], cached_v[:, : start + 1], scale=scale, enable_gqa=True
         )
+        for b, (cached_k, cached_v, start) in enumerate(zip(keys, values, starts, strict=True))
+    ]
     return torch.stack(outs)
 
 
@@ -196,7 +207,10 @@ class SlotBatch:
     def positions(self) -> Tensor:
         return self._write_at[:, None]
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: bool = False
+    ) -> Tensor:
+        # The slots' masked attention over the whole capacity is one SDPA call already.
         index = self._write_at.view(-1, 1, 1, 1).expand(k.shape)
         keys = self.cache.keys[layer].scatter_(2, index, k.to(self.cache.keys[layer].dtype))
         values = self.cache.values[layer].scatter_(2, index, v.to(self.cache.values[layer].dtype))

@@ -60,7 +60,8 @@ def _layer(
     starts: list[int],
 ) -> Tensor:
     q, k, v = layer.before_attention(h, Rope(cos, sin))
-    attended = attend_one_new(q, k, v, keys, values, starts, layer.self_attn.scale)
+    attn = layer.self_attn
+    attended = attend_one_new(q, k, v, keys, values, starts, attn.scale, attn.kernel)
     return layer.after_attention(h, attended)
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor
 
+from exo.worker.engines.torch import vnni
 from exo.worker.engines.torch.cache import AttentionBatch, KVCache
 from exo.worker.engines.torch.quant import (
     AffineWeight,
@@ -162,6 +163,8 @@ class Attention:
         self.o_proj = o_proj
         self.q_norm = q_norm
         self.k_norm = k_norm
+        # Decode attention through our kernel (`vnni.decode_attention`): set at load.
+        self.kernel = False
 
     def project(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
         """Normed hidden [B, L, D] -> rotated q [B, heads, L, d], k and v [B, kv_heads, L, d]."""
@@ -204,7 +207,8 @@ class TransformerBlock:
 
     def __call__(self, x: Tensor, rope: Rope, batch: AttentionBatch, layer: int) -> Tensor:
         q, k, v = self.before_attention(x, rope)
-        return self.after_attention(x, batch.attend(layer, q, k, v, self.self_attn.scale))
+        attn = self.self_attn
+        return self.after_attention(x, batch.attend(layer, q, k, v, attn.scale, attn.kernel))
 
     # The two halves around the cache (a compiled decode step attends in between itself).
     def before_attention(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
@@ -417,6 +421,11 @@ def load_stage(
             lm_head = make_linear(table, None, weights, device)
     if is_last and not args.tie_word_embeddings:
         lm_head = make_linear(checkpoint.weight("lm_head", group_size), None, weights, device)
+    if weights == "int4" and device.type == "cpu" and activation_dtype == torch.float32:
+        # Our decode attention kernel comes with our matmul kernel (the same extension).
+        fits = args.head_dim % 16 == 0 and args.head_dim <= 128
+        for layer in layers:
+            layer.self_attn.kernel = fits and vnni.available()
     stage = LlamaStage(
         args,
         start,

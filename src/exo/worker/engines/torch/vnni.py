@@ -1,4 +1,6 @@
-"""Our int4/int8 x int8 CPU matmul (`kernels/qmm_vnni.cpp`, op `exo::qmm`), built at first use.
+"""Our CPU kernels, built at first use: the int4/int8 x int8 matmul (`kernels/qmm_vnni.cpp`,
+op `exo::qmm`) and a batched decode attention (`kernels/decode_attention.cpp`,
+`exo::decode_attention`).
 
 torch's int4 CPU kernel dequantizes each weight block once per row of input, so four
 batched requests cost it ~1.7x one; ours quantizes the activations per group of 32 to two
@@ -6,7 +8,7 @@ int8 parts (~15 bits, finer than the bf16 torch's kernel takes) and multiplies t
 the 4-bit or 8-bit weights with AVX512-VNNI, reading each weight block once for up to four
 rows. The engine uses it on CPUs with
 AVX512-VNNI when a C++ compiler is present (the same compiler inductor needs); anywhere
-else, or with `EXO_TORCH_INT4_KERNEL=torch`, it keeps torch's kernel. Measurements and the
+else, or with `EXO_TORCH_CPU_KERNELS=torch`, it keeps torch's kernels. Measurements and the
 accuracy cost: docs/torch_engine.md.
 
 The extension is compiled once per machine into the compile cache
@@ -24,9 +26,12 @@ import torch
 from loguru import logger
 from torch import Tensor
 
-# "torch" keeps torch's int4 kernel; "vnni" (or unset) uses ours where the CPU has VNNI.
-KERNEL_ENV = "EXO_TORCH_INT4_KERNEL"
-_SOURCE = Path(__file__).parent / "kernels" / "qmm_vnni.cpp"
+# "torch" keeps torch's int4 kernel and SDPA; "ours" (or unset) uses ours where they build.
+KERNEL_ENV = "EXO_TORCH_CPU_KERNELS"
+_SOURCES = [
+    Path(__file__).parent / "kernels" / "qmm_vnni.cpp",
+    Path(__file__).parent / "kernels" / "decode_attention.cpp",
+]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c"]
 # ATen's parallel_for is an OpenMP pragma in its header: without -fopenmp it runs on one
@@ -65,7 +70,7 @@ def _build_and_load() -> None:
         directory.mkdir(parents=True, exist_ok=True)
     load(
         name="exo_qmm_vnni",
-        sources=[str(_SOURCE)],
+        sources=[str(source) for source in _SOURCES],
         extra_cflags=_CFLAGS + _OPENMP,
         extra_ldflags=_OPENMP,
         build_directory=None if directory is None else str(directory),
@@ -73,17 +78,24 @@ def _build_and_load() -> None:
         verbose=False,
     )
 
+    # Shapes for the compiler (torch.compile traces with fake tensors).
     @torch.library.register_fake("exo::qmm")  # pyright: ignore[reportUnknownMemberType, reportUntypedFunctionDecorator]
     def _(x: Tensor, w: Tensor, d: Tensor, m: Tensor) -> Tensor:  # pyright: ignore[reportUnusedFunction]
         return x.new_empty((x.shape[0], w.shape[0] * BLOCK_ROWS))
 
+    @torch.library.register_fake("exo::decode_attention")  # pyright: ignore[reportUnknownMemberType, reportUntypedFunctionDecorator]
+    def _(  # pyright: ignore[reportUnusedFunction]
+        q: Tensor, keys: list[Tensor], values: list[Tensor], lengths: list[int], scale: float
+    ) -> Tensor:
+        return q.new_empty(q.shape)
+
 
 def available() -> bool:
-    """Whether layers should run on `exo::qmm`: not refused by $EXO_TORCH_INT4_KERNEL, a
+    """Whether layers should run on our kernels: not refused by $EXO_TORCH_CPU_KERNELS, a
     CPU with VNNI, a C++ compiler, and the extension built and loaded (once a process)."""
-    choice = os.environ.get(KERNEL_ENV, "").strip() or "vnni"
-    if choice not in ("vnni", "torch"):
-        raise ValueError(f"${KERNEL_ENV}={choice!r}; expected vnni or torch")
+    choice = os.environ.get(KERNEL_ENV, "").strip() or "ours"
+    if choice not in ("ours", "torch"):
+        raise ValueError(f"${KERNEL_ENV}={choice!r}; expected ours or torch")
     if choice == "torch":
         return False
     global _loaded
@@ -132,6 +144,27 @@ def pack(q: Tensor, d: Tensor, m: Tensor, bits: int) -> tuple[Tensor, Tensor, Te
         return t.reshape(nb, BLOCK_ROWS, groups).permute(0, 2, 1).half().contiguous()
 
     return packed, per_block(d), per_block(m)
+
+
+def attention_fits(q: Tensor, cache: Tensor) -> bool:
+    """Whether `decode_attention` takes these: float32 on the CPU, heads of a multiple of 16
+    up to 128 values (what its registers hold)."""
+    head_dim = q.shape[-1]
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and cache.dtype == torch.float32
+        and head_dim % 16 == 0
+        and head_dim <= 128
+    )
+
+
+def decode_attention(
+    q: Tensor, keys: list[Tensor], values: list[Tensor], lengths: list[int], scale: float
+) -> Tensor:
+    """Attention of q [B, heads, 1, d] over the first lengths[b] positions of request b's
+    cache (keys[b], values[b]: [n_kv, capacity, d]): [B, heads, 1, d]."""
+    return torch.ops.exo.decode_attention(q, keys, values, lengths, scale)
 
 
 def qmm(x: Tensor, packed: Tensor, d: Tensor, m: Tensor) -> Tensor:
