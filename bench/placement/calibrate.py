@@ -73,21 +73,17 @@ def step_time(engine: Engine[Any, Any], position: int, steps: int) -> float:
 
 
 def kernel_pass_s(engine: Engine[Any, Any], rounds: int = 20) -> tuple[float, int] | None:
-    """torch only: one pass of the int4 matmuls over every layer, and the bytes they read."""
+    """torch only: one pass of the quantized matmuls over every layer, and the bytes they read."""
     import torch
 
     from exo.worker.engines.torch.engine import TorchEngine
-    from exo.worker.engines.torch.llama import int4_layers
+    from exo.worker.engines.torch.llama import quantized_layers
 
     if not isinstance(engine, TorchEngine):
         return None
-    linears = list(int4_layers(engine.stage))
-    read = sum(
-        lin.packed.numel() * lin.packed.element_size()
-        + lin.scales_and_zeros.numel() * lin.scales_and_zeros.element_size()
-        for lin in linears
-    )
-    inputs = [torch.ones(1, lin.in_features, dtype=torch.bfloat16) for lin in linears]
+    linears = list(quantized_layers(engine.stage))
+    read = sum(lin.weight_bytes for lin in linears)
+    inputs = [torch.ones(1, lin.in_features) for lin in linears]
     best = float("inf")
     with torch.no_grad():
         for _ in range(rounds):

@@ -29,6 +29,7 @@ from exo.worker.engines.torch.quant import (
     Int4Linear,
     Linear,
     QuantizedEmbedding,
+    VnniLinear,
     WeightFormat,
     make_linear,
     unpack_mlx,
@@ -451,8 +452,8 @@ def _embedding(
     return DenseEmbedding(table.to(device=device, dtype=dtype), dtype)
 
 
-def int4_layers(stage: LlamaStage) -> Iterator[Int4Linear]:
-    """The stage's int4 kernels (for tests and the bench's byte count)."""
+def quantized_layers(stage: LlamaStage) -> Iterator[Int4Linear | VnniLinear]:
+    """The stage's quantized matmuls (for the calibration bench's byte count)."""
     for layer in stage.layers:
         for linear in (
             layer.self_attn.qkv_proj,
@@ -460,5 +461,5 @@ def int4_layers(stage: LlamaStage) -> Iterator[Int4Linear]:
             layer.mlp.gate_up_proj,
             layer.mlp.down_proj,
         ):
-            if isinstance(linear, Int4Linear):
+            if isinstance(linear, Int4Linear | VnniLinear):
                 yield linear

@@ -216,6 +216,11 @@ class Int4Linear:
     def out_features(self) -> int:
         return self.packed.shape[0]
 
+    @property
+    def weight_bytes(self) -> int:
+        """What one call reads: packed values, scales and zeros."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
+
     def __call__(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
@@ -290,6 +295,11 @@ class VnniLinear:
     @property
     def out_features(self) -> int:
         return self.packed.shape[0] * vnni.BLOCK_ROWS
+
+    @property
+    def weight_bytes(self) -> int:
+        """What one call reads: packed values, scales and minimums."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.d, self.m))
 
     def __call__(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]

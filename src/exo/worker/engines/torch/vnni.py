@@ -1,19 +1,20 @@
-"""Our CPU kernels, built at first use: the int4/int8 x int8 matmul (`kernels/qmm_vnni.cpp`,
-op `exo::qmm`) and a batched decode attention (`kernels/decode_attention.cpp`,
-`exo::decode_attention`).
+"""Our CPU kernels, built at first use: a 4-/8-bit weight x int8 activation matmul
+(`kernels/qmm_vnni.cpp`, op `exo::qmm`) and a batched decode attention
+(`kernels/decode_attention.cpp`, op `exo::decode_attention`).
 
 torch's int4 CPU kernel dequantizes each weight block once per row of input, so four
-batched requests cost it ~1.7x one; ours quantizes the activations per group of 32 to two
-int8 parts (~15 bits, finer than the bf16 torch's kernel takes) and multiplies them with
-the 4-bit or 8-bit weights with AVX512-VNNI, reading each weight block once for up to four
-rows. The engine uses it on CPUs with
-AVX512-VNNI when a C++ compiler is present (the same compiler inductor needs); anywhere
-else, or with `EXO_TORCH_CPU_KERNELS=torch`, it keeps torch's kernels. Measurements and the
-accuracy cost: docs/torch_engine.md.
+batched requests cost it ~1.7x one. Ours quantizes the activations per group of 32 inputs
+to two int8 parts (~15 bits: finer than the bf16 torch's kernel takes) and multiplies them
+with the 4-bit or 8-bit weights by AVX512-VNNI, reading each weight block once for up to
+four rows. The attention kernel replaces one SDPA call per request and layer (~27 us each,
+mostly dispatch) with one call per layer for the whole batch.
 
-The extension is compiled once per machine into the compile cache
-(`$TORCHINDUCTOR_CACHE_DIR/exo_kernels`, which the worker points at the node's cache) or
-torch's extension folder, and loaded from there afterwards.
+The engine uses both on CPUs with AVX512-VNNI where a C++ compiler is present (the one
+inductor needs too); anywhere else, or with `EXO_TORCH_CPU_KERNELS=torch`, it keeps
+torch's. The extension is compiled once per machine (~7 s) into the compile cache
+(`$TORCHINDUCTOR_CACHE_DIR/exo_kernels`; the worker points that at the node's cache) or
+torch's extension folder, and only loaded afterwards (~0.2 s). Measurements and accuracy:
+docs/torch_engine.md.
 """
 
 import os
