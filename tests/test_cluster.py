@@ -204,7 +204,9 @@ def test_links_are_measured_and_garbage_on_the_mesh_closes_only_its_connection(
     ).start()
     try:
         time.sleep(3)
-        assert converged(cluster, 3)
+        # State hashes are compared at one instant while telemetry keeps committing: the
+        # three agree again within moments, and still as three voters (not four).
+        wait_until("the cluster carries on as three", lambda: converged(cluster, 3), 30)
         assert intruder.get("/state")["cluster"]["voters"].keys() <= {
             intruder.get("/state")["node_id"]
         }
