@@ -63,8 +63,23 @@ def _build_directory() -> Path | None:
     return Path(cache) / "exo_kernels" if cache else None
 
 
+def _ninja_on_path() -> None:
+    """torch's extension builder runs `ninja` from PATH: ours comes with the environment
+    (the `ninja` wheel), which PATH lacks when the daemon was started by its full path."""
+    try:
+        import ninja  # pyright: ignore[reportMissingTypeStubs]
+    except ImportError:
+        return
+    bin_dir = str(ninja.BIN_DIR)  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+    path = os.environ.get("PATH", "")
+    if bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path if path else bin_dir
+
+
 def _build_and_load() -> None:
     from torch.utils.cpp_extension import load  # pyright: ignore[reportUnknownVariableType]
+
+    _ninja_on_path()
 
     directory = _build_directory()
     if directory is not None:
