@@ -17,6 +17,7 @@ them as the worker does). Measures, on one machine, in one run:
 
 import argparse
 import json
+import os
 import queue
 import statistics
 import sys
@@ -162,6 +163,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--streams", default="1,2,4,8")
     parser.add_argument("--stream-tokens", type=int, default=48)
+    parser.add_argument(
+        "--layout",
+        choices=["shared", "split", "nodes"],
+        default="shared",
+        help="shared: both stages on every core (as the worker co-locates them); split: "
+        "each stage on its own half of the cores; nodes: each stage on its own half and the "
+        "single stage on one half too, as if each half were a node of its own",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     engine: EngineName = args.engine
@@ -175,10 +184,22 @@ def main() -> None:
 
     for sub in ("single", "two"):
         (logs / sub).mkdir()
-    single = Chain(model_dir, [(engine, 0, 30)], logs / "single")
-    # Both stages share this machine's cores: the environment the worker gives such stages.
-    shared = {k: v for k, v in runner_env("cpu", shares_cpu=True).items() if k.startswith("OMP_")}
-    two = Chain(model_dir, [(engine, 0, 15), (engine, 15, 30)], logs / "two", env=shared)
+    layout: str = args.layout
+    result["layout"] = layout
+    cpus = sorted(os.sched_getaffinity(0))
+    halves = [set(cpus[: len(cpus) // 2]), set(cpus[len(cpus) // 2 :])]
+    if layout != "shared" and not all(halves):
+        raise SystemExit(f"--layout {layout} needs two CPUs at least")
+    single_cpus = [halves[0]] if layout == "nodes" else None
+    single = Chain(model_dir, [(engine, 0, 30)], logs / "single", cpus=single_cpus)
+    if layout == "shared":
+        # Both stages on this machine's cores: the environment the worker gives such stages.
+        env = runner_env("cpu", shares_cpu=True)
+        shared = {k: v for k, v in env.items() if k.startswith(("OMP_", "GOMP_"))}
+        two = Chain(model_dir, [(engine, 0, 15), (engine, 15, 30)], logs / "two", env=shared)
+    else:
+        two = Chain(model_dir, [(engine, 0, 15), (engine, 15, 30)], logs / "two", cpus=halves)
+    print(f"layout {layout}: CPUs {cpus}")
     try:
         rates: dict[str, list[float]] = {"1-stage": [], "2-stage": []}
         for r in range(args.rounds):

@@ -40,13 +40,20 @@ def free_port() -> int:
 
 
 class StageProcess:
-    def __init__(self, stderr: IO[bytes], env: dict[str, str]) -> None:
+    def __init__(
+        self, stderr: IO[bytes], env: dict[str, str], cpus: set[int] | None = None
+    ) -> None:
+        def pin() -> None:
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exo.worker.runner"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
             env=env,
+            preexec_fn=pin,
         )
         self.received: queue.Queue[FromRunner | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -89,7 +96,10 @@ class Chain:
         n_layers: int = 30,
         env: dict[str, str] | None = None,
         step_timeout_s: float = 60.0,
+        cpus: Sequence[set[int]] | None = None,
     ) -> None:
+        """`cpus`: the CPUs each stage may run on (its threads follow: device.physical_cores),
+        as if each stage were a node of its own; all of them when None."""
         self.stages: list[StageProcess] = []
         self.ports: list[int] = []
         self._logs: list[IO[bytes]] = []
@@ -99,7 +109,7 @@ class Chain:
             # Each stage is its own "node": separate EXO_HOMEs as on separate machines.
             home = log_dir / f"home{i}"
             stage_env = {**os.environ, **(env or {}), "EXO_HOME": str(home)}
-            process = StageProcess(log, stage_env)
+            process = StageProcess(log, stage_env, None if cpus is None else cpus[i])
             port = free_port()
             full = start == 0 and end == n_layers
             process.send(

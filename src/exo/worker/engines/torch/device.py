@@ -25,8 +25,13 @@ class Placement:
 
 
 def physical_cores() -> int:
-    # Hyperthreads share a core's load ports: a second thread per core slows GEMV down.
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    """Threads for this process: the machine's physical cores (hyperthreads share a core's
+    load ports: a second thread per core slows GEMV down), but no more than the CPUs this
+    process may run on (taskset, cgroup cpusets, a stage given its own cores)."""
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if sys.platform == "linux":
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    return max(1, cores)
 
 
 def choose_placement(weights: WeightFormat | None = None) -> Placement:
