@@ -14,7 +14,7 @@ from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
 from exo.shared.types.ids import TaskId
 from exo.worker.engines.base import ChatTokenizer, ShardSpec, load_engine, warm_up
 from exo.worker.engines.choice import default_engine
-from exo.worker.engines.torch import vnni
+from exo.worker.engines.torch import cpu_ops
 from exo.worker.engines.torch.cache import KVCache, RequestBatch
 from exo.worker.engines.torch.compiled import CompiledDecoder
 from exo.worker.engines.torch.engine import TorchEngine, TorchRequest
@@ -22,8 +22,8 @@ from exo.worker.engines.torch.llama import ModelArgs, rope_frequencies
 from exo.worker.engines.torch.quant import (
     AffineWeight,
     Int4Linear,
+    QmmLinear,
     QuantizedEmbedding,
-    VnniLinear,
     make_linear,
     quantize_affine,
     unpack_mlx,
@@ -39,15 +39,15 @@ PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
 )
 GREEDY = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, top_p=1.0)
-# Measured (docs/torch_engine.md). Our VNNI kernel (activations in two int8 parts, ~15
+# Measured (docs/torch_engine.md). Our matmul kernel (activations in two int8 parts, ~15
 # bits) follows the float32 greedy path for all 32 tokens of both prompts, logits within
 # 0.04 of float32. Where it cannot run, torch's int4 kernel (bf16 scales and activations)
 # follows it for all 32 tokens on the first prompt and leaves it at token 26 on the
 # second (a near tie: top-2 float32 logits 0.056 apart), logits within ~0.7.
-VNNI_HERE = vnni.available()
-INT4_AGREES_FOR = N_TOKENS if VNNI_HERE else 16
-INT4_MAX_LOGIT_ERROR = 0.1 if VNNI_HERE else 1.0
-needs_vnni = pytest.mark.skipif(not VNNI_HERE, reason="no AVX512-VNNI CPU or no C++ compiler")
+OURS_HERE = cpu_ops.available()
+INT4_AGREES_FOR = N_TOKENS if OURS_HERE else 16
+INT4_MAX_LOGIT_ERROR = 0.1 if OURS_HERE else 1.0
+needs_ours = pytest.mark.skipif(not OURS_HERE, reason="no AVX2 CPU or no C++ compiler")
 
 
 def _ignore(_: float) -> None:
@@ -102,15 +102,15 @@ def test_int4_kernel_matches_dequantized_weights(bits: int) -> None:
     assert torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
 
 
-@needs_vnni
+@needs_ours
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 64), (8, 32), (8, 128)])
-def test_vnni_kernel_matches_dequantized_weights(bits: int, group_size: int) -> None:
+def test_our_matmul_matches_dequantized_weights(bits: int, group_size: int) -> None:
     gen = torch.Generator().manual_seed(bits * group_size)
     q = torch.randint(0, 1 << bits, (48, 256), generator=gen).to(torch.uint8)
     scales = (torch.rand(48, 256 // group_size, generator=gen) * 0.02 + 1e-3).half().float()
     biases = (-(1 << (bits - 1)) * scales).half().float()
     weight = AffineWeight(q, scales, biases, bits, group_size)
-    layer = VnniLinear.from_affine(weight, torch.randn(48, generator=gen))
+    layer = QmmLinear.from_affine(weight, torch.randn(48, generator=gen))
     # 9 rows: two full chunks of 4 and one of 1; a leading batch axis as the model has.
     x = torch.randn(1, 9, 256, generator=gen) * torch.rand(256, generator=gen) * 4
     assert layer.bias is not None
@@ -122,24 +122,28 @@ def test_vnni_kernel_matches_dequantized_weights(bits: int, group_size: int) -> 
     # Rows are independent: a row's result does not depend on the batch it came in.
     alone = torch.cat([layer(x[:, i : i + 1]) for i in range(9)], dim=1)
     assert torch.equal(alone, got)
+    # The AVX2 variant (what CPUs without AVX-512 run) does the same sums in the same order.
+    flat = x.reshape(9, 256)
+    avx2 = cpu_ops.qmm(flat, layer.packed, layer.d, layer.m, avx2=True) + layer.bias
+    assert torch.equal(avx2, got.reshape(9, 48))
 
 
-@needs_vnni
-def test_vnni_kernel_rejects_what_it_cannot_take() -> None:
+@needs_ours
+def test_our_matmul_rejects_what_it_cannot_take() -> None:
     weight = _random_affine(48, 64, 4, seed=1)
-    layer = VnniLinear.from_affine(weight, None)
+    layer = QmmLinear.from_affine(weight, None)
     with pytest.raises(RuntimeError, match="inputs"):
-        vnni.qmm(torch.zeros(2, 96), layer.packed, layer.d, layer.m)
+        cpu_ops.qmm(torch.zeros(2, 96), layer.packed, layer.d, layer.m)
     with pytest.raises(RuntimeError, match="float32"):
-        vnni.qmm(torch.zeros(2, 64, dtype=torch.float64), layer.packed, layer.d, layer.m)
+        cpu_ops.qmm(torch.zeros(2, 64, dtype=torch.float64), layer.packed, layer.d, layer.m)
     # 40 rows are not whole blocks of 16: make_linear keeps torch's kernel for them.
     odd = _random_affine(40, 64, 4, seed=2)
-    assert not VnniLinear.fits(odd)
+    assert not QmmLinear.fits(odd)
     with pytest.raises(ValueError, match="does not fit"):
-        VnniLinear.from_affine(odd, None)
+        QmmLinear.from_affine(odd, None)
 
 
-@needs_vnni
+@needs_ours
 def test_decode_attention_kernel_matches_sdpa() -> None:
     gen = torch.Generator().manual_seed(5)
     heads, kv_heads, d, capacity = 9, 3, 64, 40
@@ -148,27 +152,29 @@ def test_decode_attention_kernel_matches_sdpa() -> None:
     # One position; fewer than, exactly and more than 16 (the kernel's vector); all.
     lengths = [1, 16, 23, capacity]
     q = torch.randn(4, heads, 1, d, generator=gen) * 3
-    got = vnni.decode_attention(q, keys, values, lengths, d**-0.5)
+    got = cpu_ops.decode_attention(q, keys, values, lengths, d**-0.5)
     for b, length in enumerate(lengths):
         expected = torch.nn.functional.scaled_dot_product_attention(
             q[b], keys[b][:, :length], values[b][:, :length], scale=d**-0.5, enable_gqa=True
         )
         assert torch.allclose(got[b], expected, rtol=1e-5, atol=1e-5), length
+    avx2 = cpu_ops.decode_attention(q, keys, values, lengths, d**-0.5, avx2=True)
+    assert torch.allclose(avx2, got, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        vnni.decode_attention(q, keys, values, [1, 16, 23, capacity + 1], 1.0)
+        cpu_ops.decode_attention(q, keys, values, [1, 16, 23, capacity + 1], 1.0)
     with pytest.raises(RuntimeError, match="group"):
-        vnni.decode_attention(torch.zeros(4, 8, 1, d), keys, values, lengths, 1.0)
+        cpu_ops.decode_attention(torch.zeros(4, 8, 1, d), keys, values, lengths, 1.0)
 
 
 def test_int4_kernel_choice_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     weight = _random_affine(48, 64, 4, seed=4)
     cpu = torch.device("cpu")
-    monkeypatch.setenv(vnni.KERNEL_ENV, "torch")
+    monkeypatch.setenv(cpu_ops.KERNEL_ENV, "torch")
     assert isinstance(make_linear(weight, None, "int4", cpu), Int4Linear)
-    monkeypatch.setenv(vnni.KERNEL_ENV, "ours")
-    expected = VnniLinear if VNNI_HERE else Int4Linear
+    monkeypatch.setenv(cpu_ops.KERNEL_ENV, "ours")
+    expected = QmmLinear if OURS_HERE else Int4Linear
     assert isinstance(make_linear(weight, None, "int4", cpu), expected)
-    monkeypatch.setenv(vnni.KERNEL_ENV, "fastest")
+    monkeypatch.setenv(cpu_ops.KERNEL_ENV, "fastest")
     with pytest.raises(ValueError, match="EXO_TORCH_CPU_KERNELS"):
         make_linear(weight, None, "int4", cpu)
 
@@ -335,8 +341,8 @@ def fast(model_dir: Path) -> TorchEngine:
     assert engine.placement.weights == "int4"
     _assert_compiled(engine)
     layer = engine.stage.layers[0]
-    assert isinstance(layer.mlp.down_proj, VnniLinear if VNNI_HERE else Int4Linear)
-    assert layer.self_attn.kernel == VNNI_HERE
+    assert isinstance(layer.mlp.down_proj, QmmLinear if OURS_HERE else Int4Linear)
+    assert layer.self_attn.kernel == OURS_HERE
     warm_up(engine)
     return engine
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from exo.worker.engines.torch import vnni
+from exo.worker.engines.torch import cpu_ops
 
 
 class AttentionBatch(Protocol):
@@ -31,7 +31,7 @@ class AttentionBatch(Protocol):
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: bool = False
     ) -> Tensor:
         """Store k, v [B, n_kv, L, d] in layer's cache; attention of q [B, n_heads, L, d].
-        `kernel`: decode through our batched attention kernel (`vnni.decode_attention`)."""
+        `kernel`: decode through our batched attention kernel (`cpu_ops.decode_attention`)."""
         ...
 
     def advance(self) -> None:
@@ -146,7 +146,7 @@ def attend_one_new(
         cached_v[:, start : start + 1] = v[b]
     if kernel:
         lengths = [start + 1 for start in starts]
-        return vnni.decode_attention(q, list(keys), list(values), lengths, scale)
+        return cpu_ops.decode_attention(q, list(keys), list(values), lengths, scale)
     outs = [
         F.scaled_dot_product_attention(
             q[b], cached_k[:, : start + 1], cached_v[:, : start + 1], scale=scale, enable_gqa=True

@@ -21,15 +21,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor
 
-from exo.worker.engines.torch import vnni
+from exo.worker.engines.torch import cpu_ops
 from exo.worker.engines.torch.cache import AttentionBatch, KVCache
 from exo.worker.engines.torch.quant import (
     AffineWeight,
     DenseEmbedding,
     Int4Linear,
     Linear,
+    QmmLinear,
     QuantizedEmbedding,
-    VnniLinear,
     WeightFormat,
     make_linear,
     unpack_mlx,
@@ -164,7 +164,7 @@ class Attention:
         self.o_proj = o_proj
         self.q_norm = q_norm
         self.k_norm = k_norm
-        # Decode attention through our kernel (`vnni.decode_attention`): set at load.
+        # Decode attention through our kernel (`cpu_ops.decode_attention`): set at load.
         self.kernel = False
 
     def project(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
@@ -426,7 +426,7 @@ def load_stage(
         # Our decode attention kernel comes with our matmul kernel (the same extension).
         fits = args.head_dim % 16 == 0 and args.head_dim <= 128
         for layer in layers:
-            layer.self_attn.kernel = fits and vnni.available()
+            layer.self_attn.kernel = fits and cpu_ops.available()
     stage = LlamaStage(
         args,
         start,
@@ -452,7 +452,7 @@ def _embedding(
     return DenseEmbedding(table.to(device=device, dtype=dtype), dtype)
 
 
-def quantized_layers(stage: LlamaStage) -> Iterator[Int4Linear | VnniLinear]:
+def quantized_layers(stage: LlamaStage) -> Iterator[Int4Linear | QmmLinear]:
     """The stage's quantized matmuls (for the calibration bench's byte count)."""
     for layer in stage.layers:
         for linear in (
@@ -461,5 +461,5 @@ def quantized_layers(stage: LlamaStage) -> Iterator[Int4Linear | VnniLinear]:
             layer.mlp.gate_up_proj,
             layer.mlp.down_proj,
         ):
-            if isinstance(linear, Int4Linear | VnniLinear):
+            if isinstance(linear, Int4Linear | QmmLinear):
                 yield linear

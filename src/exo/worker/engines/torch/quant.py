@@ -4,8 +4,9 @@ Checkpoints hold weights either dense or in MLX's affine layout: per group of `g
 inputs, w = scale * q + bias with unsigned q packed little-end first into uint32 words.
 Every format below is built from that one intermediate (`AffineWeight`):
 
-- `VnniLinear`: our 4-/8-bit weight x int8 activation kernel (`vnni.py`) on CPUs with
-  AVX512-VNNI, where it builds. The default on such CPUs; `Int4Linear` elsewhere.
+- `QmmLinear`: our 4-/8-bit weight x int8 activation kernel (`cpu_ops.py`) on x86-64
+  CPUs with AVX2 (AVX512-VNNI where present), where it builds. The default there;
+  `Int4Linear` elsewhere.
 - `Int4Linear`: torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), bf16 activations.
   The kernel dequantizes as (q - 8) * scale + zero, so zero = bias + 8 * scale.
   8-bit weights run on the same kernel as two 4-bit planes, q = 16 * hi + lo, laid side by
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from exo.worker.engines.torch import vnni
+from exo.worker.engines.torch import cpu_ops
 
 WeightFormat = Literal["int4", "bfloat16", "float16", "float32"]
 DENSE_DTYPES: dict[WeightFormat, torch.dtype] = {
@@ -38,7 +39,7 @@ _INT4_ROW_MULTIPLE = 16
 _ROWS_PER_BLOCK = 1024
 # The int4 kernel's zero point: it dequantizes (q - 8) * scale + zero.
 _INT4_MIDPOINT = 8
-# float16 (the VNNI kernel's scales) overflows past this.
+# float16 (our matmul kernel's scales) overflows past this.
 _FLOAT16_MAX = 65504.0
 
 
@@ -234,8 +235,8 @@ class Int4Linear:
         return y.view(*lead, y.shape[-1])
 
 
-class VnniLinear:
-    """4-bit or 8-bit groupwise weights on our VNNI kernel (`vnni.qmm`).
+class QmmLinear:
+    """4-bit or 8-bit groupwise weights on our matmul kernel (`cpu_ops.qmm`).
 
     Takes any float activations and returns float32 (the residual's dtype). Scales and
     minimums are kept in float16: exact for GGUF and float16 MLX checkpoints."""
@@ -256,23 +257,23 @@ class VnniLinear:
         out, n_in = weight.shape
         return (
             weight.bits in (4, 8)
-            and out % vnni.BLOCK_ROWS == 0
-            and weight.group_size % vnni.GROUP == 0
+            and out % cpu_ops.BLOCK_ROWS == 0
+            and weight.group_size % cpu_ops.GROUP == 0
             and n_in % weight.group_size == 0
             and bool(weight.scales.abs().max() < _FLOAT16_MAX)
             and bool(weight.biases.abs().max() < _FLOAT16_MAX)
         )
 
     @classmethod
-    def from_affine(cls, weight: AffineWeight, bias: Tensor | None) -> "VnniLinear":
+    def from_affine(cls, weight: AffineWeight, bias: Tensor | None) -> "QmmLinear":
         if not cls.fits(weight):
-            raise ValueError("this weight does not fit the VNNI kernel")
+            raise ValueError("this weight does not fit our matmul kernel")
         # The kernel's scales are per 32 inputs: larger groups repeat theirs.
-        repeat = weight.group_size // vnni.GROUP
+        repeat = weight.group_size // cpu_ops.GROUP
         d = weight.scales.repeat_interleave(repeat, dim=1)
         m = weight.biases.repeat_interleave(repeat, dim=1)
         parts = [
-            vnni.pack(
+            cpu_ops.pack(
                 weight.q[row : row + _ROWS_PER_BLOCK],
                 d[row : row + _ROWS_PER_BLOCK],
                 m[row : row + _ROWS_PER_BLOCK],
@@ -294,7 +295,7 @@ class VnniLinear:
 
     @property
     def out_features(self) -> int:
-        return self.packed.shape[0] * vnni.BLOCK_ROWS
+        return self.packed.shape[0] * cpu_ops.BLOCK_ROWS
 
     @property
     def weight_bytes(self) -> int:
@@ -303,7 +304,9 @@ class VnniLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        y = vnni.qmm(x.reshape(-1, x.shape[-1]).float().contiguous(), self.packed, self.d, self.m)
+        y = cpu_ops.qmm(
+            x.reshape(-1, x.shape[-1]).float().contiguous(), self.packed, self.d, self.m
+        )
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, y.shape[-1])
@@ -333,8 +336,8 @@ def make_linear(
         if device.type != "cpu":
             raise ValueError("the int4 format runs on CPU only")
         affine = weight if isinstance(weight, AffineWeight) else quantize_affine(weight, 4, 32)
-        if VnniLinear.fits(affine) and vnni.available():
-            return VnniLinear.from_affine(affine, bias)
+        if QmmLinear.fits(affine) and cpu_ops.available():
+            return QmmLinear.from_affine(affine, bias)
         fits = affine.shape[0] % _INT4_ROW_MULTIPLE == 0 and affine.group_size in INT4_GROUP_SIZES
         if affine.bits in (4, 8) and fits:
             return Int4Linear.from_affine(affine, bias)

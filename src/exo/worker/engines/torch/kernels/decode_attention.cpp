@@ -4,7 +4,8 @@
 // and value heads in groups (GQA). SDPA per request and layer costs ~27 us, most of it
 // dispatch, and a batch of 4 makes that 120 calls a step; this is one call a layer,
 // parallel over (request, head). Softmax in float32 with the running maximum subtracted.
-// Built with qmm_vnni.cpp by exo/worker/engines/torch/vnni.py.
+// AVX-512 where the CPU has it, else AVX2 (exo::decode_attention_avx2 forces it, for
+// tests). Built with qmm.cpp by exo/worker/engines/torch/cpu_ops.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -15,11 +16,14 @@
 #include <cstdint>
 #include <vector>
 
+#define EXO_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define EXO_AVX512 __attribute__((target("avx512f,avx2,fma")))
+
 namespace {
 
 // e^x for x <= 0 (x - max of the scores), 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by
 // a degree-6 polynomial (relative error ~2e-7), 2^n by scalef. Below -87 the result is 0.
-inline __m512 exp_neg(__m512 x) {
+EXO_AVX512 inline __m512 exp_neg(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -36,7 +40,7 @@ inline __m512 exp_neg(__m512 x) {
 }
 
 // out[0:d] = softmax(scale * K q) V over `length` positions; d a multiple of 16.
-void attend_head(const float* q, const float* k, const float* v, int64_t length, int64_t d,
+EXO_AVX512 void attend_head_avx512(const float* q, const float* k, const float* v, int64_t length, int64_t d,
                  float scale, float* scores, float* out) {
   const int64_t chunks = d / 16;
   __m512 qv[8];
@@ -77,8 +81,73 @@ void attend_head(const float* q, const float* k, const float* v, int64_t length,
   for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], norm));
 }
 
-at::Tensor decode_attention(const at::Tensor& q, at::TensorList keys, at::TensorList values,
-                            c10::SymIntArrayRef lengths, double scale) {
+// The same in 8 lanes: 2^n by building the float's exponent bits.
+EXO_AVX2 inline __m256 exp_neg8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+EXO_AVX2 inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+EXO_AVX2 void attend_head_avx2(const float* q, const float* k, const float* v, int64_t length,
+                               int64_t d, float scale, float* scores, float* out) {
+  const int64_t chunks = d / 8;
+  __m256 qv[16];
+  for (int64_t c = 0; c < chunks; c++) qv[c] = _mm256_loadu_ps(q + 8 * c);
+  float best = -INFINITY;
+  for (int64_t t = 0; t < length; t++) {
+    const float* kt = k + t * d;
+    __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kt));
+    for (int64_t c = 1; c < chunks; c++) acc = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kt + 8 * c), acc);
+    const float score = hsum8(acc) * scale;
+    scores[t] = score;
+    best = score > best ? score : best;
+  }
+  // Pad to whole vectors with scores whose exp is 0 (the buffer has room).
+  const int64_t padded = (length + 7) / 8 * 8;
+  for (int64_t t = length; t < padded; t++) scores[t] = -INFINITY;
+  __m256 total = _mm256_setzero_ps();
+  const __m256 top = _mm256_set1_ps(best);
+  for (int64_t t = 0; t < padded; t += 8) {
+    __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), top));
+    _mm256_storeu_ps(scores + t, e);
+    total = _mm256_add_ps(total, e);
+  }
+  const float inv = 1.f / hsum8(total);
+  __m256 o[16];
+  for (int64_t c = 0; c < chunks; c++) o[c] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < length; t++) {
+    const __m256 p = _mm256_set1_ps(scores[t]);
+    const float* vt = v + t * d;
+    for (int64_t c = 0; c < chunks; c++) o[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * c), o[c]);
+  }
+  const __m256 norm = _mm256_set1_ps(inv);
+  for (int64_t c = 0; c < chunks; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(o[c], norm));
+}
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+at::Tensor attention_impl(const at::Tensor& q, at::TensorList keys, at::TensorList values,
+                          c10::SymIntArrayRef lengths, double scale, bool avx512) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kFloat,
               "exo::decode_attention: q must be float32 [B, heads, 1, d]");
   const int64_t B = q.size(0), H = q.size(1), d = q.size(3);
@@ -117,10 +186,24 @@ at::Tensor decode_attention(const at::Tensor& q, at::TensorList keys, at::Tensor
       const int64_t capacity = keys[b].size(1);
       const float* k = keys[b].data_ptr<float>() + g * capacity * d;
       const float* v = values[b].data_ptr<float>() + g * capacity * d;
-      attend_head(qp + i * d, k, v, lens[b], d, s, scores.data(), op + i * d);
+      if (avx512)
+        attend_head_avx512(qp + i * d, k, v, lens[b], d, s, scores.data(), op + i * d);
+      else
+        attend_head_avx2(qp + i * d, k, v, lens[b], d, s, scores.data(), op + i * d);
     }
   });
   return out;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, at::TensorList keys, at::TensorList values,
+                            c10::SymIntArrayRef lengths, double scale) {
+  return attention_impl(q, keys, values, lengths, scale, has_avx512());
+}
+
+at::Tensor decode_attention_avx2(const at::Tensor& q, at::TensorList keys,
+                                 at::TensorList values, c10::SymIntArrayRef lengths,
+                                 double scale) {
+  return attention_impl(q, keys, values, lengths, scale, false);
 }
 
 }  // namespace
@@ -129,6 +212,12 @@ TORCH_LIBRARY_FRAGMENT(exo, lib) {
   lib.def(
       "decode_attention(Tensor q, Tensor[] keys, Tensor[] values, SymInt[] lengths, float scale)"
       " -> Tensor");
+  lib.def(
+      "decode_attention_avx2(Tensor q, Tensor[] keys, Tensor[] values, SymInt[] lengths, "
+      "float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(exo, CPU, lib) { lib.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(exo, CPU, lib) {
+  lib.impl("decode_attention", &decode_attention);
+  lib.impl("decode_attention_avx2", &decode_attention_avx2);
+}

@@ -1,20 +1,22 @@
 """Our CPU kernels, built at first use: a 4-/8-bit weight x int8 activation matmul
-(`kernels/qmm_vnni.cpp`, op `exo::qmm`) and a batched decode attention
-(`kernels/decode_attention.cpp`, op `exo::decode_attention`).
+(`kernels/qmm.cpp`, op `exo::qmm`) and a batched decode attention
+(`kernels/decode_attention.cpp`, op `exo::decode_attention`), each for AVX512(-VNNI) and
+for AVX2, chosen at run time by the CPU.
 
 torch's int4 CPU kernel dequantizes each weight block once per row of input, so four
 batched requests cost it ~1.7x one. Ours quantizes the activations per group of 32 inputs
 to two int8 parts (~15 bits: finer than the bf16 torch's kernel takes) and multiplies them
-with the 4-bit or 8-bit weights by AVX512-VNNI, reading each weight block once for up to
-four rows. The attention kernel replaces one SDPA call per request and layer (~27 us each,
-mostly dispatch) with one call per layer for the whole batch.
+with the 4-bit or 8-bit weights in int32 (vpdpbusd on AVX512-VNNI, vpmaddubsw + vpmaddwd
+on AVX2; the two give bitwise equal results), reading each weight block once for up to
+four rows. The attention kernel replaces one SDPA call per request and layer (~27 us
+each, mostly dispatch) with one call per layer for the whole batch.
 
-The engine uses both on CPUs with AVX512-VNNI where a C++ compiler is present (the one
-inductor needs too); anywhere else, or with `EXO_TORCH_CPU_KERNELS=torch`, it keeps
-torch's. The extension is compiled once per machine (~7 s) into the compile cache
-(`$TORCHINDUCTOR_CACHE_DIR/exo_kernels`; the worker points that at the node's cache) or
-torch's extension folder, and only loaded afterwards (~0.2 s). Measurements and accuracy:
-docs/torch_engine.md.
+The engine uses both on x86-64 CPUs with AVX2, FMA and F16C where a C++ compiler is
+present (the one inductor needs too); anywhere else, or with `EXO_TORCH_CPU_KERNELS=torch`,
+it keeps torch's. The extension is compiled once per machine (~10 s) into the compile
+cache (`$TORCHINDUCTOR_CACHE_DIR/exo_kernels`; the worker points that at the node's cache)
+or torch's extension folder, and only loaded afterwards (~0.2 s). Measurements and
+accuracy: docs/torch_engine.md.
 """
 
 import os
@@ -30,11 +32,16 @@ from torch import Tensor
 # "torch" keeps torch's int4 kernel and SDPA; "ours" (or unset) uses ours where they build.
 KERNEL_ENV = "EXO_TORCH_CPU_KERNELS"
 _SOURCES = [
-    Path(__file__).parent / "kernels" / "qmm_vnni.cpp",
+    Path(__file__).parent / "kernels" / "qmm.cpp",
     Path(__file__).parent / "kernels" / "decode_attention.cpp",
 ]
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
-_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c"]
+# What the AVX2 variant needs; the AVX-512 one is chosen at run time where the CPU has it.
+_CPU_FLAGS = ("avx2", "fma", "f16c")
+# Each kernel function names its instruction set (`target` attributes): no -m flags, so
+# the extension loads on any x86-64 CPU and picks its variant there.
+_CFLAGS = ["-O3"]
+# The extension's name; a new name for a change of the op schemas.
+_NAME = "exo_cpu_ops_v1"
 # ATen's parallel_for is an OpenMP pragma in its header: without -fopenmp it runs on one
 # thread. The extension then needs libgomp.so.1, which resolves to the one torch loaded.
 _OPENMP = ["-fopenmp"]
@@ -46,7 +53,7 @@ _lock = threading.Lock()
 _loaded: bool | None = None
 
 
-def _cpu_has_vnni() -> bool:
+def _cpu_has_avx2() -> bool:
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -59,8 +66,9 @@ def _cpu_has_vnni() -> bool:
 
 
 def _build_directory() -> Path | None:
+    # A folder per extension name: builds of different versions never share a build file.
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    return Path(cache) / "exo_kernels" if cache else None
+    return Path(cache) / "exo_kernels" / _NAME if cache else None
 
 
 def _ninja_on_path() -> None:
@@ -85,7 +93,7 @@ def _build_and_load() -> None:
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
     load(
-        name="exo_qmm_vnni",
+        name=_NAME,
         sources=[str(source) for source in _SOURCES],
         extra_cflags=_CFLAGS + _OPENMP,
         extra_ldflags=_OPENMP,
@@ -107,8 +115,9 @@ def _build_and_load() -> None:
 
 
 def available() -> bool:
-    """Whether layers should run on our kernels: not refused by $EXO_TORCH_CPU_KERNELS, a
-    CPU with VNNI, a C++ compiler, and the extension built and loaded (once a process)."""
+    """Whether layers should run on our kernels: not refused by $EXO_TORCH_CPU_KERNELS, an
+    x86-64 CPU with AVX2, a C++ compiler, and the extension built and loaded (once a
+    process)."""
     choice = os.environ.get(KERNEL_ENV, "").strip() or "ours"
     if choice not in ("ours", "torch"):
         raise ValueError(f"${KERNEL_ENV}={choice!r}; expected ours or torch")
@@ -122,7 +131,7 @@ def available() -> bool:
 
 
 def _try_to_load() -> bool:
-    if not _cpu_has_vnni():
+    if not _cpu_has_avx2():
         return False
     if shutil.which("c++") is None and shutil.which("g++") is None:
         logger.warning("no C++ compiler: the quantized layers use torch's int4 kernel")
@@ -131,9 +140,9 @@ def _try_to_load() -> bool:
     try:
         _build_and_load()
     except Exception as error:  # a compiler or toolchain failure of any kind
-        logger.warning(f"building the VNNI kernel failed ({error}); using torch's int4 kernel")
+        logger.warning(f"building our CPU kernels failed ({error}); using torch's")
         return False
-    logger.debug(f"VNNI kernel ready in {time.perf_counter() - started:.1f} s")
+    logger.debug(f"our CPU kernels ready in {time.perf_counter() - started:.1f} s")
     return True
 
 
@@ -152,7 +161,7 @@ def pack(q: Tensor, d: Tensor, m: Tensor, bits: int) -> tuple[Tensor, Tensor, Te
     elif bits == 8:
         words = blocks.reshape(nb, groups, BLOCK_ROWS, 8, 4)
     else:
-        raise ValueError(f"the VNNI kernel takes 4- or 8-bit weights, not {bits}-bit")
+        raise ValueError(f"our matmul takes 4- or 8-bit weights, not {bits}-bit")
     # [nb, g, lane, i, b] -> [nb, g, i, lane, b]: load i holds word i of every lane.
     packed = words.permute(0, 1, 3, 2, 4).contiguous().view(nb, groups, -1, 64)
 
@@ -176,13 +185,24 @@ def attention_fits(q: Tensor, cache: Tensor) -> bool:
 
 
 def decode_attention(
-    q: Tensor, keys: list[Tensor], values: list[Tensor], lengths: list[int], scale: float
+    q: Tensor,
+    keys: list[Tensor],
+    values: list[Tensor],
+    lengths: list[int],
+    scale: float,
+    avx2: bool = False,
 ) -> Tensor:
     """Attention of q [B, heads, 1, d] over the first lengths[b] positions of request b's
-    cache (keys[b], values[b]: [n_kv, capacity, d]): [B, heads, 1, d]."""
+    cache (keys[b], values[b]: [n_kv, capacity, d]): [B, heads, 1, d]. `avx2` forces the
+    AVX2 variant (for tests)."""
+    if avx2:
+        return torch.ops.exo.decode_attention_avx2(q, keys, values, lengths, scale)
     return torch.ops.exo.decode_attention(q, keys, values, lengths, scale)
 
 
-def qmm(x: Tensor, packed: Tensor, d: Tensor, m: Tensor) -> Tensor:
-    """float32 x [M, K] (contiguous) times the packed weight, transposed: float32 [M, N]."""
+def qmm(x: Tensor, packed: Tensor, d: Tensor, m: Tensor, avx2: bool = False) -> Tensor:
+    """float32 x [M, K] (contiguous) times the packed weight, transposed: float32 [M, N].
+    `avx2` forces the AVX2 variant (tests compare it with the AVX-512 one)."""
+    if avx2:
+        return torch.ops.exo.qmm_avx2(x, packed, d, m)
     return torch.ops.exo.qmm(x, packed, d, m)
