@@ -171,9 +171,14 @@ def test_int4_kernel_choice_follows_the_environment(monkeypatch: pytest.MonkeyPa
     cpu = torch.device("cpu")
     monkeypatch.setenv(cpu_ops.KERNEL_ENV, "torch")
     assert isinstance(make_linear(weight, None, "int4", cpu), Int4Linear)
+    monkeypatch.setenv(cpu_ops.KERNEL_ENV, "avx2")
+    forced = make_linear(weight, None, "int4", cpu)
+    assert not OURS_HERE or (isinstance(forced, QmmLinear) and forced.avx2)
     monkeypatch.setenv(cpu_ops.KERNEL_ENV, "ours")
     expected = QmmLinear if OURS_HERE else Int4Linear
-    assert isinstance(make_linear(weight, None, "int4", cpu), expected)
+    layer = make_linear(weight, None, "int4", cpu)
+    assert isinstance(layer, expected)
+    assert not isinstance(layer, QmmLinear) or not layer.avx2
     monkeypatch.setenv(cpu_ops.KERNEL_ENV, "fastest")
     with pytest.raises(ValueError, match="EXO_TORCH_CPU_KERNELS"):
         make_linear(weight, None, "int4", cpu)

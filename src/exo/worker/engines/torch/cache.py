@@ -146,7 +146,8 @@ def attend_one_new(
         cached_v[:, start : start + 1] = v[b]
     if kernel:
         lengths = [start + 1 for start in starts]
-        return cpu_ops.decode_attention(q, list(keys), list(values), lengths, scale)
+        avx2 = cpu_ops.forced_avx2()
+        return cpu_ops.decode_attention(q, list(keys), list(values), lengths, scale, avx2)
     outs = [
         F.scaled_dot_product_attention(
             q[b], cached_k[:, : start + 1], cached_v[:, : start + 1], scale=scale, enable_gqa=True

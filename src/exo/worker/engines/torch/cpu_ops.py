@@ -29,7 +29,8 @@ import torch
 from loguru import logger
 from torch import Tensor
 
-# "torch" keeps torch's int4 kernel and SDPA; "ours" (or unset) uses ours where they build.
+# "torch" keeps torch's int4 kernel and SDPA; "ours" (or unset) uses ours where they build,
+# "avx2" ours in their AVX2 variants only.
 KERNEL_ENV = "EXO_TORCH_CPU_KERNELS"
 _SOURCES = [
     Path(__file__).parent / "kernels" / "qmm.cpp",
@@ -51,6 +52,7 @@ BLOCK_ROWS = 16
 
 _lock = threading.Lock()
 _loaded: bool | None = None
+_forced_avx2 = False
 
 
 def _cpu_has_avx2() -> bool:
@@ -107,6 +109,16 @@ def _build_and_load() -> None:
     def _(x: Tensor, w: Tensor, d: Tensor, m: Tensor) -> Tensor:  # pyright: ignore[reportUnusedFunction]
         return x.new_empty((x.shape[0], w.shape[0] * BLOCK_ROWS))
 
+    @torch.library.register_fake("exo::qmm_avx2")  # pyright: ignore[reportUnknownMemberType, reportUntypedFunctionDecorator]
+    def _(x: Tensor, w: Tensor, d: Tensor, m: Tensor) -> Tensor:  # pyright: ignore[reportUnusedFunction]
+        return x.new_empty((x.shape[0], w.shape[0] * BLOCK_ROWS))
+
+    @torch.library.register_fake("exo::decode_attention_avx2")  # pyright: ignore[reportUnknownMemberType, reportUntypedFunctionDecorator]
+    def _(  # pyright: ignore[reportUnusedFunction]
+        q: Tensor, keys: list[Tensor], values: list[Tensor], lengths: list[int], scale: float
+    ) -> Tensor:
+        return q.new_empty(q.shape)
+
     @torch.library.register_fake("exo::decode_attention")  # pyright: ignore[reportUnknownMemberType, reportUntypedFunctionDecorator]
     def _(  # pyright: ignore[reportUnusedFunction]
         q: Tensor, keys: list[Tensor], values: list[Tensor], lengths: list[int], scale: float
@@ -118,16 +130,23 @@ def available() -> bool:
     """Whether layers should run on our kernels: not refused by $EXO_TORCH_CPU_KERNELS, an
     x86-64 CPU with AVX2, a C++ compiler, and the extension built and loaded (once a
     process)."""
+    global _loaded, _forced_avx2
     choice = os.environ.get(KERNEL_ENV, "").strip() or "ours"
-    if choice not in ("ours", "torch"):
-        raise ValueError(f"${KERNEL_ENV}={choice!r}; expected ours or torch")
+    if choice not in ("ours", "avx2", "torch"):
+        raise ValueError(f"${KERNEL_ENV}={choice!r}; expected ours, avx2 or torch")
     if choice == "torch":
         return False
-    global _loaded
     with _lock:
         if _loaded is None:
             _loaded = _try_to_load()
+        _forced_avx2 = choice == "avx2"
         return _loaded
+
+
+def forced_avx2() -> bool:
+    """$EXO_TORCH_CPU_KERNELS=avx2: the AVX2 variants even on an AVX-512 CPU (to measure
+    what CPUs without AVX-512 get). Read when layers are built."""
+    return _forced_avx2
 
 
 def _try_to_load() -> bool:

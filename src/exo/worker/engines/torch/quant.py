@@ -249,6 +249,7 @@ class QmmLinear:
         self.m = m
         self._in_features = in_features
         self.bias = bias
+        self.avx2 = cpu_ops.forced_avx2()
 
     @staticmethod
     def fits(weight: AffineWeight) -> bool:
@@ -304,9 +305,8 @@ class QmmLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        y = cpu_ops.qmm(
-            x.reshape(-1, x.shape[-1]).float().contiguous(), self.packed, self.d, self.m
-        )
+        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+        y = cpu_ops.qmm(x2, self.packed, self.d, self.m, self.avx2)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, y.shape[-1])
