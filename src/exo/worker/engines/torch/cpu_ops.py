@@ -48,7 +48,6 @@ _NAME = "exo_cpu_ops_v1"
 _OPENMP = ["-fopenmp"]
 GROUP = 32
 BLOCK_ROWS = 16
-# Rows packed at a time while loading (a multiple of BLOCK_ROWS): small scratch.
 
 _lock = threading.Lock()
 _loaded: bool | None = None
