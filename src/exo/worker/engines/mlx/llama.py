@@ -39,7 +39,12 @@ class ModelArgs:
             raise ValueError(f"not a llama model: {config.get('model_type')}")
         scaling: dict[str, Any] = config.get("rope_scaling") or {}
         if scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            raise NotImplementedError(f"rope_scaling {scaling} is not supported")
+            # mlx_lm's RoPE variants are not reimplemented here yet; such models run on
+            # the torch engine (default, linear and llama3 scaling).
+            raise NotImplementedError(
+                f"rope_scaling {scaling} is not supported by the MLX engine (only unscaled "
+                "RoPE); run this model with --engine torch"
+            )
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
         return cls(

@@ -103,26 +103,20 @@ def _build_and_load() -> None:
         verbose=False,
     )
 
-    # Shapes for the compiler (torch.compile traces with fake tensors).
-    @torch.library.register_fake("exo::qmm")  # pyright: ignore[reportUnknownMemberType, reportUntypedFunctionDecorator]
-    def _(x: Tensor, w: Tensor, d: Tensor, m: Tensor) -> Tensor:  # pyright: ignore[reportUnusedFunction]
-        return x.new_empty((x.shape[0], w.shape[0] * BLOCK_ROWS))
+    # Shapes for the compiler (torch.compile traces with fake tensors); both variants.
+    for variant in ("", "_avx2"):
+        torch.library.register_fake(f"exo::qmm{variant}", _qmm_shape)  # pyright: ignore[reportUnknownMemberType]
+        torch.library.register_fake(f"exo::decode_attention{variant}", _attention_shape)  # pyright: ignore[reportUnknownMemberType]
 
-    @torch.library.register_fake("exo::qmm_avx2")  # pyright: ignore[reportUnknownMemberType, reportUntypedFunctionDecorator]
-    def _(x: Tensor, w: Tensor, d: Tensor, m: Tensor) -> Tensor:  # pyright: ignore[reportUnusedFunction]
-        return x.new_empty((x.shape[0], w.shape[0] * BLOCK_ROWS))
 
-    @torch.library.register_fake("exo::decode_attention_avx2")  # pyright: ignore[reportUnknownMemberType, reportUntypedFunctionDecorator]
-    def _(  # pyright: ignore[reportUnusedFunction]
-        q: Tensor, keys: list[Tensor], values: list[Tensor], lengths: list[int], scale: float
-    ) -> Tensor:
-        return q.new_empty(q.shape)
+def _qmm_shape(x: Tensor, w: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], w.shape[0] * BLOCK_ROWS))
 
-    @torch.library.register_fake("exo::decode_attention")  # pyright: ignore[reportUnknownMemberType, reportUntypedFunctionDecorator]
-    def _(  # pyright: ignore[reportUnusedFunction]
-        q: Tensor, keys: list[Tensor], values: list[Tensor], lengths: list[int], scale: float
-    ) -> Tensor:
-        return q.new_empty(q.shape)
+
+def _attention_shape(
+    q: Tensor, keys: list[Tensor], values: list[Tensor], lengths: list[int], scale: float
+) -> Tensor:
+    return q.new_empty(q.shape)
 
 
 def available() -> bool:

@@ -119,7 +119,10 @@ def rope_frequencies(args: ModelArgs) -> Tensor:
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
         return torch.where(medium, blended, scaled)
-    raise NotImplementedError(f"rope_scaling {scaling} is not supported")
+    # yarn, dynamic NTK and longrope wait for a model family that needs them.
+    raise NotImplementedError(
+        f"rope_scaling {scaling} is not supported (default, linear and llama3 are)"
+    )
 
 
 @dataclass(frozen=True)
@@ -424,9 +427,9 @@ def load_stage(
         lm_head = make_linear(checkpoint.weight("lm_head", group_size), None, weights, device)
     if weights == "int4" and device.type == "cpu" and activation_dtype == torch.float32:
         # Our decode attention kernel comes with our matmul kernel (the same extension).
-        fits = args.head_dim % 16 == 0 and args.head_dim <= 128
+        kernel = args.head_dim % 16 == 0 and args.head_dim <= 128 and cpu_ops.available()
         for layer in layers:
-            layer.self_attn.kernel = fits and cpu_ops.available()
+            layer.self_attn.kernel = kernel
     stage = LlamaStage(
         args,
         start,

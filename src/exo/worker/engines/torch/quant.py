@@ -96,7 +96,9 @@ def unpack_mlx(packed: Tensor, scales: Tensor, biases: Tensor, group_size: int) 
     n_in = scales.shape[1] * group_size
     bits = packed.shape[1] * 32 // n_in
     if bits not in (2, 4, 8):
-        raise NotImplementedError(f"{bits}-bit affine weights are not supported")
+        # MLX's 3-, 5- and 6-bit layouts cross word boundaries; no checkpoint we serve
+        # uses them yet.
+        raise NotImplementedError(f"{bits}-bit affine weights are not supported (2, 4, 8 are)")
     per_word = 32 // bits
     words = packed.view(torch.int32)
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)
@@ -142,24 +144,6 @@ class DenseLinear:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
-def int4_planes(weight: AffineWeight) -> tuple[Tensor, Tensor, Tensor, int]:
-    """4-bit values q [out, planes * in] with w = scales * q + biases per group, and the
-    number of planes: 4-bit weights are one plane, 8-bit ones two."""
-    if weight.bits == 4:
-        return weight.q, weight.scales, weight.biases, 1
-    if weight.bits == 8:
-        # w = s*q + b = (16 s * hi + b) + s * lo: two 4-bit planes side by side along the
-        # input axis (the input is repeated). The bias goes with the high plane, where
-        # torch's kernel zero (b + 128 s) is ~0 for symmetric weights, so rounding it to
-        # bf16 costs nothing.
-        hi, lo = weight.q >> 4, weight.q & 15
-        q = torch.cat([hi, lo], dim=1)
-        scales = torch.cat([16 * weight.scales, weight.scales], dim=1)
-        biases = torch.cat([weight.biases, torch.zeros_like(weight.biases)], dim=1)
-        return q, scales, biases, 2
-    raise ValueError(f"{weight.bits}-bit weights do not fit the int4 kernels")
-
-
 class Int4Linear:
     """Groupwise 4-bit (or 8-bit as two 4-bit planes) weights on torch's int4 CPU kernel.
 
@@ -187,7 +171,19 @@ class Int4Linear:
     def from_affine(cls, weight: AffineWeight, bias: Tensor | None) -> "Int4Linear":
         if weight.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"group size {weight.group_size} is not one the int4 kernel takes")
-        q, scales, zeros, planes = int4_planes(weight)
+        if weight.bits == 4:
+            q, scales, zeros, planes = weight.q, weight.scales, weight.biases, 1
+        elif weight.bits == 8:
+            # w = s*q + b = (16 s * hi + b) + s * lo: two 4-bit planes. The bias goes with
+            # the high plane, where the kernel's zero (b + 128 s) is ~0 for symmetric
+            # weights, so rounding it to bf16 costs nothing.
+            hi, lo = weight.q >> 4, weight.q & 15
+            q = torch.cat([hi, lo], dim=1)
+            scales = torch.cat([16 * weight.scales, weight.scales], dim=1)
+            zeros = torch.cat([weight.biases, torch.zeros_like(weight.biases)], dim=1)
+            planes = 2
+        else:
+            raise ValueError(f"{weight.bits}-bit weights do not fit the int4 kernel")
         # Packed by row blocks (the layout is per block of 16 rows): small int32 scratch.
         packed = torch.cat(
             [
