@@ -19,7 +19,9 @@ import argparse
 import json
 import os
 import queue
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -39,7 +41,7 @@ from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
 from exo.shared.types.topology import ClusterView, DeviceId, DeviceProfile, LinkProfile
 from exo.worker.pipeline.frames import FrameFlag, FrameKind, encode_array, encode_token
 from exo.worker.pipeline.links import LinkLost, Received, StageListener, StageSender, free_port
-from exo.worker.supervisor import runner_env
+from exo.worker.supervisor import cpu_cores, cpu_share, runner_env
 from exo.worker.telemetry.profiler import cpu_bandwidth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -123,6 +125,67 @@ def loopback_hop_ms(hidden: int, rounds: int = 2000) -> float:
     return statistics.median(samples) / 2 * 1000
 
 
+def bare_alternation(
+    engine: EngineName,
+    model_dir: Path,
+    cpus: list[set[int]] | None,
+    env: dict[str, str],
+    steps: int,
+    rounds: int,
+) -> list[float]:
+    """Steps/s of the split's two bare engine stages taking turns (bench/stage_pingpong.py),
+    on the CPUs and with the environment the pipeline's stages get."""
+    ours, theirs = socket.socketpair()
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for i, (role, end) in enumerate((("first", ours), ("last", theirs))):
+            share = None if cpus is None else cpus[i]
+
+            def pin(share: set[int] | None = share) -> None:
+                if share is not None:
+                    os.sched_setaffinity(0, share)
+
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.stage_pingpong",
+                        role,
+                        engine,
+                        str(model_dir),
+                        str(end.fileno()),
+                        str(steps),
+                        str(rounds),
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env={**os.environ, **env},
+                    pass_fds=(end.fileno(),),
+                    preexec_fn=pin,
+                    cwd=Path(__file__).resolve().parents[1],
+                )
+            )
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdin is not None
+            if proc.stdout.readline().strip() != "READY":
+                raise RuntimeError("a bare stage failed to load")
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        first = procs[0].stdout
+        assert first is not None
+        return [float(json.loads(first.readline())["steps_per_s"]) for _ in range(rounds)]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        ours.close()
+        theirs.close()
+
+
 def predicted_tps(engine: EngineName, bandwidth: float, hop_s: float) -> tuple[float, float]:
     """The placement cost model's decode tokens/s for 1 stage and for the 2-stage split,
     on two devices like this CPU joined by a link with the measured loopback hop."""
@@ -165,11 +228,13 @@ def main() -> None:
     parser.add_argument("--stream-tokens", type=int, default=48)
     parser.add_argument(
         "--layout",
-        choices=["shared", "split", "nodes"],
-        default="shared",
-        help="shared: both stages on every core (as the worker co-locates them); split: "
-        "each stage on its own half of the cores; nodes: each stage on its own half and the "
-        "single stage on one half too, as if each half were a node of its own",
+        choices=["split", "shared", "nodes"],
+        default="split",
+        help="split: each stage on its own half of the cores (what the worker does with two "
+        "stages of an instance on one node); shared: both stages on every core, their "
+        "threads sleeping when idle (the worker's fallback with fewer cores than stages); "
+        "nodes: each stage on its own half and the single stage on one half too, as if each "
+        "half were a node of its own",
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -187,20 +252,28 @@ def main() -> None:
     layout: str = args.layout
     result["layout"] = layout
     cpus = sorted(os.sched_getaffinity(0))
-    halves = [set(cpus[: len(cpus) // 2]), set(cpus[len(cpus) // 2 :])]
-    if layout != "shared" and not all(halves):
-        raise SystemExit(f"--layout {layout} needs two CPUs at least")
+    # The worker's split: whole physical cores for each stage.
+    shares = [cpu_share(cpu_cores(), slot, 2) for slot in range(2)]
+    halves = [share for share in shares if share is not None]
+    if layout != "shared" and len(halves) < 2:
+        raise SystemExit(f"--layout {layout} needs two physical cores at least")
     single_cpus = [halves[0]] if layout == "nodes" else None
     single = Chain(model_dir, [(engine, 0, 30)], logs / "single", cpus=single_cpus)
+    two_env: dict[str, str] = {}
+    two_cpus: list[set[int]] | None = halves
     if layout == "shared":
-        # Both stages on this machine's cores: the environment the worker gives such stages.
-        env = runner_env("cpu", shares_cpu=True)
-        shared = {k: v for k, v in env.items() if k.startswith(("OMP_", "GOMP_"))}
-        two = Chain(model_dir, [(engine, 0, 15), (engine, 15, 30)], logs / "two", env=shared)
-    else:
-        two = Chain(model_dir, [(engine, 0, 15), (engine, 15, 30)], logs / "two", cpus=halves)
-    print(f"layout {layout}: CPUs {cpus}")
+        # Both stages on every core, with the environment the worker gives such stages.
+        env = runner_env("cpu", 0, 2, cores={0: (0, 0)})  # no core each: they share
+        two_env = {k: v for k, v in env.items() if k.startswith(("OMP_", "GOMP_"))}
+        two_cpus = None
+    stages: list[tuple[EngineName, int, int]] = [(engine, 0, 15), (engine, 15, 30)]
+    two = Chain(model_dir, stages, logs / "two", env=two_env, cpus=two_cpus)
+    print(f"layout {layout}: CPUs {cpus}" + (f", stages on {two_cpus}" if two_cpus else ""))
     try:
+        # The floor under any hand-off: the same two stages, bare, taking turns.
+        bare = bare_alternation(engine, model_dir, two_cpus, two_env, args.tokens, args.rounds)
+        result["bare_alternation_steps_per_s"] = bare
+        print(f"bare stages taking turns: {statistics.median(bare):.2f} steps/s ({bare})")
         rates: dict[str, list[float]] = {"1-stage": [], "2-stage": []}
         for r in range(args.rounds):
             for name, chain in (("1-stage", single), ("2-stage", two)):
@@ -211,7 +284,10 @@ def main() -> None:
         one_tps = statistics.median(rates["1-stage"])
         two_tps = statistics.median(rates["2-stage"])
         per_hop_ms = (1 / two_tps - 1 / one_tps) / 2 * 1000
+        bare_tps = statistics.median(bare)
         result |= {
+            "pipeline_over_bare_alternation": two_tps / bare_tps,
+            "hand_off_ms_per_hop_over_bare": (1 / two_tps - 1 / bare_tps) / 2 * 1000,
             "decode_tps_1_stage": rates["1-stage"],
             "decode_tps_2_stage": rates["2-stage"],
             "ratio_2_over_1": two_tps / one_tps,
@@ -220,6 +296,12 @@ def main() -> None:
         print(
             f"decode: 1 stage {one_tps:.2f}, 2 stages {two_tps:.2f} tokens/s, "
             f"ratio {two_tps / one_tps:.3f}; derived cost per hop {per_hop_ms:.2f} ms"
+        )
+        print(
+            f"the pipeline against its bare stages taking turns: "
+            f"{two_tps / bare_tps:.3f} (so the hand-off, stage loop and runner cost "
+            f"{result['hand_off_ms_per_hop_over_bare']:.3f} ms per hop; the rest of the "
+            f"1 -> 2 stage loss is the split itself on this machine: {bare_tps / one_tps:.3f})"
         )
         bandwidth, _detail = cpu_bandwidth()
         p1, p2 = predicted_tps(engine, bandwidth, hop_ms / 1000)

@@ -12,6 +12,7 @@ import psutil
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from exo.worker.supervisor import cpu_cores, cpu_share
 from tests.conftest import BUILTIN
 from tests.daemon import Daemon
 
@@ -80,6 +81,13 @@ def test_a_two_stage_split_streams_and_serves_concurrent_requests(node: Daemon) 
     for shard in shards:  # each stage reported where it listens, on loopback here
         endpoint = state["runner_endpoints"][shard["runner_id"]]
         assert endpoint["host"] == "127.0.0.1" and endpoint["port"] > 0
+    # Two CPU stages on one node: each runs on cores of its own where there are enough.
+    shares = [cpu_share(cpu_cores(), slot, 2) for slot in range(2)]
+    affinities = [set(psutil.Process(pid).cpu_affinity()) for pid in node.runner_pids()]
+    if all(shares):
+        assert sorted(affinities, key=min) == shares
+    else:
+        assert all(a == set(cpu_cores()) for a in affinities)
 
     c = client(node)
     parts: list[str] = []

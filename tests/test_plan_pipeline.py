@@ -1,6 +1,8 @@
 """plan() and apply() for pipeline instances: endpoints, links, dispatch once all serve."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,8 @@ from exo.shared.types.instances import Instance
 from exo.shared.types.runners import RunnerEndpoint, RunnerReady, RunnerWarmingUp
 from exo.shared.types.state import State
 from exo.worker.plan import DispatchTask, LinkStage, SpawnRunner, WorkerView, plan
-from exo.worker.supervisor import runner_env
+from exo.worker.runner.protocol import RUNNER_CPUS_ENV
+from exo.worker.supervisor import cpu_share, runner_env
 from tests.factories import INSTANCES, NODES, TASKS, indexed, instance, runner_of, task
 
 ME, OTHER = NODES
@@ -65,21 +68,68 @@ def test_stages_are_spawned_as_pipeline_stages() -> None:
     ] == [False]
 
 
-def test_stages_sharing_this_nodes_cpu_are_flagged() -> None:
+def test_cpu_stages_of_one_instance_on_this_node_get_slots() -> None:
     both_here = state_of(InstanceCreated(instance=instance(INST, ME, stages=2)))
     spawns = [a for a in plan(both_here, WorkerView(node_id=ME)) if isinstance(a, SpawnRunner)]
-    assert [a.shares_cpu for a in spawns] == [True, True]
+    assert [(a.cpu_slot, a.cpu_slots) for a in spawns] == [(0, 2), (1, 2)]
     split = state_of(InstanceCreated(instance=two_nodes()))
     spawns = [a for a in plan(split, WorkerView(node_id=ME)) if isinstance(a, SpawnRunner)]
-    assert [a.shares_cpu for a in spawns] == [False]
+    assert [(a.cpu_slot, a.cpu_slots) for a in spawns] == [(0, 1)]
 
 
-def test_runner_env_lets_cpu_stages_sharing_cores_sleep_when_idle() -> None:
-    assert runner_env("cpu", shares_cpu=True)["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert runner_env("cpu")["CUDA_VISIBLE_DEVICES"] == ""
+TWO_CORES = {0: (0, 0), 1: (0, 1)}
+# Two cores with two hyperthreads each, numbered as Linux does (siblings n and n + 2).
+HYPERTHREADED = {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)}
+
+
+def test_cpu_shares_are_whole_cores_split_as_evenly_as_they_go() -> None:
+    assert [cpu_share(TWO_CORES, i, 2) for i in range(2)] == [{0}, {1}]
+    assert [cpu_share(HYPERTHREADED, i, 2) for i in range(2)] == [{0, 2}, {1, 3}]
+    three = {0: (0, 0), 1: (0, 1), 2: (1, 0)}
+    assert [cpu_share(three, i, 2) for i in range(2)] == [{0}, {1, 2}]
+    assert cpu_share(HYPERTHREADED, 0, 3) is None  # fewer cores than stages
+    assert cpu_share(TWO_CORES, 2, 2) is None
+
+
+def test_runner_env_gives_co_located_cpu_stages_their_own_cores() -> None:
+    first = runner_env("cpu", 0, 2, cores=HYPERTHREADED)
+    second = runner_env("cpu", 1, 2, cores=HYPERTHREADED)
+    assert (first[RUNNER_CPUS_ENV], second[RUNNER_CPUS_ENV]) == ("0,2", "1,3")
+    assert first["CUDA_VISIBLE_DEVICES"] == ""
+    # A lone stage, and a GPU stage, run wherever the node's runners may.
+    assert RUNNER_CPUS_ENV not in runner_env("cpu", cores=TWO_CORES)
+    assert RUNNER_CPUS_ENV not in runner_env("cuda:0", 0, 2, cores=TWO_CORES)
     if "OMP_WAIT_POLICY" not in os.environ:
-        assert "OMP_WAIT_POLICY" not in runner_env("cpu")
-        assert "OMP_WAIT_POLICY" not in runner_env("cuda:0", shares_cpu=True)
+        assert "OMP_WAIT_POLICY" not in first
+        assert "OMP_WAIT_POLICY" not in runner_env("cpu", cores=TWO_CORES)
+
+
+def test_stages_with_fewer_cores_than_stages_share_them_with_sleeping_threads() -> None:
+    env = runner_env("cpu", 1, 3, cores=TWO_CORES)
+    assert RUNNER_CPUS_ENV not in env
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+@pytest.mark.parametrize("value", ["first", "not-a-cpu", "99999"])
+def test_a_runner_pins_itself_to_its_cpus_and_ignores_a_bad_value(value: str) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    wanted = str(cpus[-1]) if value == "first" else value
+    code = (
+        "import os; from exo.worker.runner.__main__ import pin_cpus; pin_cpus(); "
+        "print(sorted(os.sched_getaffinity(0)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, RUNNER_CPUS_ENV: wanted},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    expected = [cpus[-1]] if value == "first" else cpus
+    assert result.stdout.strip() == str(expected)
+    if value != "first":
+        assert "ignoring EXO_RUNNER_CPUS" in result.stderr
 
 
 def test_runner_env_keeps_compiled_graphs_in_the_nodes_cache(

@@ -31,8 +31,10 @@ class SpawnRunner(Frozen):
     shard: ShardAssignment
     # A stage of a multi-stage instance: it needs a listen port and a link.
     pipeline: bool = False
-    # Another stage of the same instance runs on this node's CPU too (supervisor.runner_env).
-    shares_cpu: bool = False
+    # This stage is CPU stage `cpu_slot` of the `cpu_slots` that its instance runs on this
+    # node: with more than one, each gets a share of the cores (supervisor.runner_env).
+    cpu_slot: int = 0
+    cpu_slots: int = 1
 
 
 class StopRunner(Frozen):
@@ -105,17 +107,15 @@ def plan(state: State, view: WorkerView) -> list[Action]:
             actions.append(StopRunner(runner_id=runner_id, reason="instance failed"))
     for runner_id, (instance, shard) in sorted(mine.items()):
         if instance.failed_reason is None and runner_id not in view.spawned:
+            here = [s for s in instance.shards if s.node_id == view.node_id and s.device == "cpu"]
             actions.append(
                 SpawnRunner(
                     instance_id=instance.instance_id,
                     model_id=instance.model_id,
                     shard=shard,
                     pipeline=len(instance.shards) > 1,
-                    shares_cpu=shard.device == "cpu"
-                    and any(
-                        s.node_id == view.node_id and s.device == "cpu" and s != shard
-                        for s in instance.shards
-                    ),
+                    cpu_slot=here.index(shard) if shard in here else 0,
+                    cpu_slots=len(here) if shard in here else 1,
                 )
             )
     for runner_id, (instance, shard) in sorted(mine.items()):

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import anyio
@@ -37,6 +37,7 @@ from exo.shared.views import EventSink
 from exo.worker.runner.protocol import (
     FROM_RUNNER,
     HEADER_BYTES,
+    RUNNER_CPUS_ENV,
     TO_RUNNER,
     Cancel,
     ConnectNext,
@@ -79,8 +80,43 @@ class StageLink(Frozen):
     step_timeout_s: float
 
 
+def cpu_cores() -> dict[int, tuple[int, int]]:
+    """The CPUs this process may run on, each with its physical core (package, core id);
+    every CPU its own core where the topology is not readable. Empty off Linux."""
+    if not hasattr(os, "sched_getaffinity"):
+        return {}
+    cores: dict[int, tuple[int, int]] = {}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = int((topology / "physical_package_id").read_text())
+            core = int((topology / "core_id").read_text())
+        except (OSError, ValueError):
+            package, core = -1, cpu
+        cores[cpu] = (package, core)
+    return cores
+
+
+def cpu_share(cores: Mapping[int, tuple[int, int]], slot: int, slots: int) -> set[int] | None:
+    """Slot `slot`'s CPUs when `slots` stages divide these CPUs between them: whole
+    physical cores (hyperthreads stay together), as even a split as the cores allow. None
+    when there are fewer cores than slots."""
+    groups: dict[tuple[int, int], set[int]] = {}
+    for cpu in sorted(cores):
+        groups.setdefault(cores[cpu], set()).add(cpu)
+    ordered = list(groups.values())
+    if not 0 <= slot < slots or len(ordered) < slots:
+        return None
+    mine = ordered[slot * len(ordered) // slots : (slot + 1) * len(ordered) // slots]
+    return {cpu for group in mine for cpu in group}
+
+
 def runner_env(
-    device: str, shares_cpu: bool = False, compile_cache: Path | None = None
+    device: str,
+    cpu_slot: int = 0,
+    cpu_slots: int = 1,
+    compile_cache: Path | None = None,
+    cores: Mapping[int, tuple[int, int]] | None = None,
 ) -> dict[str, str]:
     """The runner's environment: a "cuda:<i>" shard sees only that GPU, a "cpu" shard none
     (so a torch stage pinned to the CPU stays there on a machine with GPUs).
@@ -89,18 +125,24 @@ def runner_env(
     reboots: inductor's default, /tmp/torchinductor_$USER, is wiped with /tmp, and a cold
     compile of the built-in model takes ~70 s against ~14 s warm. A value the user set wins.
 
-    CPU stages that share this node's cores with another stage of their instance get
-    OpenMP threads that sleep as soon as they are idle: spinning (the default), the idle
-    stage's threads take the cores from the busy one. Measured, two torch stages on 2
-    cores: 42 tokens/s spinning, 53 sleeping (1 stage: 85); a lone stage keeps spinning,
-    since waking sleeping threads at every matmul costs it a third (58 vs 85)."""
+    CPU stages of one instance on one node (`cpu_slots` > 1) each get their own physical
+    cores (`RUNNER_CPUS_ENV`, applied by the runner before it starts a thread; its torch
+    threads follow), so neither stage's threads ever wait on a core the other holds.
+    Measured, two torch stages on 2 cores: 1 / 4 streams 130 / 205 tokens/s on a core each,
+    105 / 184 both on both cores (docs/benchmarks.md). Where there are fewer cores than
+    stages they share them, and their OpenMP threads sleep as soon as they are idle:
+    spinning, the idle stage's threads would take the cores from the busy one."""
     env = dict(os.environ)
     if compile_cache is not None:
         env.setdefault(INDUCTOR_CACHE_ENV, str(compile_cache))
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-        if shares_cpu:
-            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if cpu_slots > 1:
+            share = cpu_share(cpu_cores() if cores is None else cores, cpu_slot, cpu_slots)
+            if share is not None:
+                env[RUNNER_CPUS_ENV] = ",".join(str(cpu) for cpu in sorted(share))
+            else:
+                env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     elif device.startswith("cuda:") and "CUDA_VISIBLE_DEVICES" not in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = device.removeprefix("cuda:")
     return env
@@ -117,11 +159,13 @@ class RunnerSupervisor:
         load_timeout_s: float,
         on_change: Callable[[], None],
         link: StageLink | None = None,
-        shares_cpu: bool = False,
+        cpu_slot: int = 0,
+        cpu_slots: int = 1,
         compile_cache: Path | None = None,
     ) -> None:
         self.runner_id: RunnerId = shard.runner_id
-        self._shares_cpu = shares_cpu
+        self._cpu_slot = cpu_slot
+        self._cpu_slots = cpu_slots
         self._compile_cache = compile_cache
         self._link = link
         # Pipeline stages: where the next stage listens, sent once the shard is loading.
@@ -162,7 +206,9 @@ class RunnerSupervisor:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=runner_env(self._shard.device, self._shares_cpu, self._compile_cache),
+                env=runner_env(
+                    self._shard.device, self._cpu_slot, self._cpu_slots, self._compile_cache
+                ),
             )
         except OSError as exc:
             await self._report_exit(f"could not start runner: {exc}")

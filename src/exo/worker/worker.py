@@ -159,7 +159,8 @@ class Worker:
             load_timeout_s=self._load_timeout_s,
             on_change=self._poke,
             link=link,
-            shares_cpu=action.shares_cpu,
+            cpu_slot=action.cpu_slot,
+            cpu_slots=action.cpu_slots,
             compile_cache=self._compile_cache,
         )
         self._supervisors[runner_id] = sup

@@ -9,7 +9,23 @@ import threading
 from loguru import logger
 
 from exo.worker.runner.process import FrameWriter, Runner, read_messages
-from exo.worker.runner.protocol import ToRunner
+from exo.worker.runner.protocol import RUNNER_CPUS_ENV, ToRunner
+
+
+def pin_cpus() -> None:
+    """Run on the CPUs the supervisor gave this runner, if any. Called before any thread
+    starts (threads inherit the mask; torch sizes its pool by it). A value this machine
+    cannot honour is logged and ignored: the runner then shares every core."""
+    value = os.environ.get(RUNNER_CPUS_ENV, "").strip()
+    if not value:
+        return
+    try:
+        cpus = {int(cpu) for cpu in value.split(",")}
+        os.sched_setaffinity(0, cpus)
+    except (ValueError, OSError, AttributeError) as exc:
+        logger.warning(f"ignoring {RUNNER_CPUS_ENV}={value!r}: {exc}")
+        return
+    logger.info(f"running on CPUs {sorted(cpus)}")
 
 
 def main() -> int:
@@ -23,6 +39,7 @@ def main() -> int:
     sys.stdout = sys.stderr
     logger.remove()
     logger.add(sys.stderr, level=os.environ.get("EXO_RUNNER_LOG_LEVEL", "INFO"))
+    pin_cpus()
 
     inbox: queue.Queue[ToRunner | None] = queue.Queue()
     reader = threading.Thread(

@@ -13,6 +13,9 @@ from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+# The CPUs a runner runs on ("0,1"), set by its supervisor for stages that share a node's
+# cores; the runner applies it before it starts any thread.
+RUNNER_CPUS_ENV = "EXO_RUNNER_CPUS"
 _LEN = struct.Struct(">I")
 
 
