@@ -104,6 +104,12 @@ def test_runner_env_gives_co_located_cpu_stages_their_own_cores() -> None:
         assert "OMP_WAIT_POLICY" not in runner_env("cpu", cores=TWO_CORES)
 
 
+def test_only_the_supervisor_pins_runners(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(RUNNER_CPUS_ENV, "0")
+    assert RUNNER_CPUS_ENV not in runner_env("cpu", cores=TWO_CORES)
+    assert runner_env("cpu", 1, 2, cores=TWO_CORES)[RUNNER_CPUS_ENV] == "1"
+
+
 def test_stages_with_fewer_cores_than_stages_share_them_with_sleeping_threads() -> None:
     env = runner_env("cpu", 1, 3, cores=TWO_CORES)
     assert RUNNER_CPUS_ENV not in env

@@ -128,11 +128,11 @@ def runner_env(
     CPU stages of one instance on one node (`cpu_slots` > 1) each get their own physical
     cores (`RUNNER_CPUS_ENV`, applied by the runner before it starts a thread; its torch
     threads follow), so neither stage's threads ever wait on a core the other holds.
-    Measured, two torch stages on 2 cores: 1 / 4 streams 130 / 205 tokens/s on a core each,
-    105 / 184 both on both cores (docs/benchmarks.md). Where there are fewer cores than
+    Measured, two torch stages on 2 cores: 1 / 4 streams 126 / 274 tokens/s on a core each,
+    93 / 180 both on both cores (docs/benchmarks.md, session 6). Where there are fewer cores than
     stages they share them, and their OpenMP threads sleep as soon as they are idle:
     spinning, the idle stage's threads would take the cores from the busy one."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != RUNNER_CPUS_ENV}
     if compile_cache is not None:
         env.setdefault(INDUCTOR_CACHE_ENV, str(compile_cache))
     if device == "cpu":
