@@ -39,9 +39,10 @@ from exo.shared.types.instances import EngineName
 from exo.shared.types.placement import ManualStage, Placement, PlacementRequest
 from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
 from exo.shared.types.topology import ClusterView, DeviceId, DeviceProfile, LinkProfile
+from exo.worker.cores import cpu_cores, cpu_share
 from exo.worker.pipeline.frames import FrameFlag, FrameKind, encode_array, encode_token
 from exo.worker.pipeline.links import LinkLost, Received, StageListener, StageSender, free_port
-from exo.worker.supervisor import cpu_cores, cpu_share, runner_env
+from exo.worker.supervisor import runner_env
 from exo.worker.telemetry.profiler import cpu_bandwidth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

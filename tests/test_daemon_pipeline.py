@@ -12,7 +12,7 @@ import psutil
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from exo.worker.supervisor import cpu_cores, cpu_share
+from exo.worker.cores import cpu_cores, cpu_share
 from tests.conftest import BUILTIN
 from tests.daemon import Daemon
 

@@ -19,9 +19,10 @@ from exo.shared.types.events import (
 from exo.shared.types.instances import Instance
 from exo.shared.types.runners import RunnerEndpoint, RunnerReady, RunnerWarmingUp
 from exo.shared.types.state import State
+from exo.worker.cores import cpu_share
 from exo.worker.plan import DispatchTask, LinkStage, SpawnRunner, WorkerView, plan
 from exo.worker.runner.protocol import RUNNER_CPUS_ENV
-from exo.worker.supervisor import cpu_share, runner_env
+from exo.worker.supervisor import runner_env
 from tests.factories import INSTANCES, NODES, TASKS, indexed, instance, runner_of, task
 
 ME, OTHER = NODES
