@@ -25,7 +25,7 @@ import numpy as np
 
 from exo.shared.types.chat import SamplingParams
 from exo.shared.types.instances import EngineName
-from exo.worker.engines.base import Engine, ShardSpec, load_engine, warm_up
+from exo.worker.engines.base import BatchingEngine, Engine, ShardSpec, load_engine, warm_up
 
 GREEDY = SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0)
 
@@ -69,8 +69,8 @@ def main() -> None:
                 link.sendall(b"x")
         if role == "first":
             print(json.dumps({"steps_per_s": n / (time.perf_counter() - started)}), flush=True)
-        if hasattr(engine, "release"):
-            engine.release(request)  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType]
+        if isinstance(engine, BatchingEngine):
+            engine.release(request)
 
 
 if __name__ == "__main__":

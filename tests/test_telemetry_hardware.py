@@ -24,8 +24,9 @@ def _nvml_or_skip() -> None:
     count = nvml.device_count()
     nvml.shutdown()
     if count == 0:
-        print("NVML present but no NVIDIA devices")
-        pytest.skip("NVML present but no NVIDIA devices")
+        reason = "NVML present but no NVIDIA devices; this test waits for an NVIDIA GPU"
+        print(reason)
+        pytest.skip(reason)
 
 
 def test_real_nvidia_inventory_and_overhead() -> None:

@@ -183,17 +183,10 @@ def pack(q: Tensor, d: Tensor, m: Tensor, bits: int) -> tuple[Tensor, Tensor, Te
     return packed, per_block(d), per_block(m)
 
 
-def attention_fits(q: Tensor, cache: Tensor) -> bool:
-    """Whether `decode_attention` takes these: float32 on the CPU, heads of a multiple of 16
-    up to 128 values (what its registers hold)."""
-    head_dim = q.shape[-1]
-    return (
-        q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and cache.dtype == torch.float32
-        and head_dim % 16 == 0
-        and head_dim <= 128
-    )
+def attention_fits(head_dim: int) -> bool:
+    """Whether `decode_attention` takes heads of this size (float32 on the CPU): a multiple
+    of 16 values, at most 128 (what its registers hold)."""
+    return head_dim % 16 == 0 and head_dim <= 128
 
 
 def decode_attention(

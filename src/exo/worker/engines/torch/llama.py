@@ -427,7 +427,7 @@ def load_stage(
         lm_head = make_linear(checkpoint.weight("lm_head", group_size), None, weights, device)
     if weights == "int4" and device.type == "cpu" and activation_dtype == torch.float32:
         # Our decode attention kernel comes with our matmul kernel (the same extension).
-        kernel = args.head_dim % 16 == 0 and args.head_dim <= 128 and cpu_ops.available()
+        kernel = cpu_ops.attention_fits(args.head_dim) and cpu_ops.available()
         for layer in layers:
             layer.self_attn.kernel = kernel
     stage = LlamaStage(

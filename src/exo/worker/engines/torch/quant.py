@@ -98,7 +98,10 @@ def unpack_mlx(packed: Tensor, scales: Tensor, biases: Tensor, group_size: int) 
     if bits not in (2, 4, 8):
         # MLX's 3-, 5- and 6-bit layouts cross word boundaries; no checkpoint we serve
         # uses them yet.
-        raise NotImplementedError(f"{bits}-bit affine weights are not supported (2, 4, 8 are)")
+        raise NotImplementedError(
+            f"{bits}-bit affine weights are not supported (2, 4, 8 are; MLX's 3-, 5- and "
+            "6-bit layouts wait for a checkpoint that needs them)"
+        )
     per_word = 32 // bits
     words = packed.view(torch.int32)
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)
