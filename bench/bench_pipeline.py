@@ -41,7 +41,13 @@ from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
 from exo.shared.types.topology import ClusterView, DeviceId, DeviceProfile, LinkProfile
 from exo.worker.cores import cpu_cores, cpu_share
 from exo.worker.pipeline.frames import FrameFlag, FrameKind, encode_array, encode_token
-from exo.worker.pipeline.links import LinkLost, Received, StageListener, StageSender, free_port
+from exo.worker.pipeline.links import (
+    LinkLost,
+    Received,
+    StageListener,
+    StageSender,
+    listen_socket,
+)
 from exo.worker.supervisor import runner_env
 from exo.worker.telemetry.profiler import cpu_bandwidth
 
@@ -100,11 +106,10 @@ def loopback_hop_ms(hidden: int, rounds: int = 2000) -> float:
     frame, each through encode -> TCP loopback -> decode (half a ping-pong)."""
     inbox: queue.Queue[Received | LinkLost] = queue.Queue()
     back: queue.Queue[Received | LinkLost] = queue.Queue()
-    a_port, b_port = free_port("127.0.0.1"), free_port("127.0.0.1")
-    a = StageListener("127.0.0.1", a_port, inbox.put)
-    b = StageListener("127.0.0.1", b_port, back.put)
-    to_b = StageSender.connect("127.0.0.1", b_port, 5.0)
-    to_a = StageSender.connect("127.0.0.1", a_port, 5.0)
+    a = StageListener(listen_socket("127.0.0.1"), inbox.put)
+    b = StageListener(listen_socket("127.0.0.1"), back.put)
+    to_b = StageSender.connect("127.0.0.1", b.port, 5.0)
+    to_a = StageSender.connect("127.0.0.1", a.port, 5.0)
 
     def echo() -> None:
         for _ in range(rounds):

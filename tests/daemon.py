@@ -1,6 +1,7 @@
 """Real `exo` daemons as subprocesses on loopback, each with its own EXO_HOME and port."""
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -12,11 +13,35 @@ from typing import Any
 import httpx
 import psutil
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port for a daemon to bind later, below the kernel's ephemeral range.
+
+    A port the kernel picked (bind to 0) is in that range, and by the time the daemon binds
+    it an outgoing connection or a runner's listener may hold it (CI once failed on exactly
+    that: "Address already in use"). Below the range only explicit binds take ports; each
+    port is handed out once per test process."""
+    low = min(_ephemeral_low(), 32768)
+    while True:
+        port = random.randrange(10000, low)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 class Daemon:

@@ -16,6 +16,7 @@ from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
 from exo.shared.types.ids import NodeId, TaskId
 from exo.shared.types.instances import EngineName
 from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
+from exo.worker.pipeline.links import listen_socket
 from exo.worker.runner.protocol import (
     FROM_RUNNER,
     ConnectNext,
@@ -33,16 +34,16 @@ TIMEOUT_S = 180.0
 OWNER = NodeId("node-test")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class StageProcess:
     def __init__(
-        self, stderr: IO[bytes], env: dict[str, str], cpus: set[int] | None = None
+        self,
+        stderr: IO[bytes],
+        env: dict[str, str],
+        cpus: set[int] | None = None,
+        listen: socket.socket | None = None,
     ) -> None:
+        """`listen`: the stage's listening socket, handed to the runner as the worker does."""
+
         def pin() -> None:
             if cpus is not None:
                 os.sched_setaffinity(0, cpus)
@@ -54,6 +55,7 @@ class StageProcess:
             stderr=stderr,
             env=env,
             preexec_fn=pin,
+            pass_fds=() if listen is None else (listen.fileno(),),
         )
         self.received: queue.Queue[FromRunner | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -109,9 +111,13 @@ class Chain:
             # Each stage is its own "node": separate EXO_HOMEs as on separate machines.
             home = log_dir / f"home{i}"
             stage_env = {**os.environ, **(env or {}), "EXO_HOME": str(home)}
-            process = StageProcess(log, stage_env, None if cpus is None else cpus[i])
-            port = free_port()
             full = start == 0 and end == n_layers
+            with listen_socket("127.0.0.1") as listen:  # the runner keeps its own copy
+                process = StageProcess(
+                    log, stage_env, None if cpus is None else cpus[i], None if full else listen
+                )
+                port = int(listen.getsockname()[1])
+                listen_fd = listen.fileno()
             process.send(
                 LoadShard(
                     model_dir=str(model_dir),
@@ -119,8 +125,7 @@ class Chain:
                     start_layer=start,
                     end_layer=end,
                     n_layers=n_layers,
-                    listen_host=None if full else "127.0.0.1",
-                    listen_port=None if full else port,
+                    listen_fd=None if full else listen_fd,
                     step_timeout_s=step_timeout_s,
                 )
             )

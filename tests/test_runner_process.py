@@ -195,6 +195,30 @@ def test_bad_model_dir_reports_failed_and_exits_nonzero(
     assert runner.wait() != 0
 
 
+def test_a_stage_without_its_listening_socket_fails_clearly(
+    runner: RunnerProcess, model_dir: Path
+) -> None:
+    """A pipeline stage whose LoadShard names a descriptor it did not inherit fails its load
+    with the reason (and exits) instead of loading a stage no neighbour can reach."""
+    runner.send(
+        LoadShard(
+            model_dir=str(model_dir),
+            engine="mlx",
+            start_layer=0,
+            end_layer=15,
+            n_layers=30,
+            listen_fd=99,
+        )
+    )
+    seen: list[StatusReport] = []
+    while (message := runner.recv()) is not None:
+        assert isinstance(message, StatusReport)
+        seen.append(message)
+    assert seen[-1].status.kind == "failed"
+    assert "no listening socket at fd 99" in getattr(seen[-1].status, "reason", "")
+    assert runner.wait() != 0
+
+
 # ---- continuous batching (torch engine) --------------------------------------------------
 
 BATCH_PROMPTS = {

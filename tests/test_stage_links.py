@@ -15,14 +15,14 @@ from exo.worker.pipeline.links import (
     StageSender,
     advertised_host,
     bind_host,
-    free_port,
     is_loopback,
+    listen_socket,
 )
 
 
 def listener() -> tuple[StageListener, "queue.Queue[Received | LinkLost]"]:
     events: queue.Queue[Received | LinkLost] = queue.Queue()
-    return StageListener("127.0.0.1", free_port("127.0.0.1"), events.put), events
+    return StageListener(listen_socket("127.0.0.1"), events.put), events
 
 
 def test_frames_arrive_in_order_and_a_closed_link_is_reported() -> None:
@@ -62,9 +62,11 @@ def test_a_probe_that_sends_nothing_is_no_link() -> None:
 
 
 def test_connect_gives_up_with_a_clear_error() -> None:
-    port = free_port("127.0.0.1")
-    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
-        StageSender.connect("127.0.0.1", port, timeout_s=0.3)
+    with socket.socket() as held:  # bound, never listening: connections to it are refused
+        held.bind(("127.0.0.1", 0))
+        port = int(held.getsockname()[1])
+        with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
+            StageSender.connect("127.0.0.1", port, timeout_s=0.3)
 
 
 def test_advertised_and_bind_hosts() -> None:

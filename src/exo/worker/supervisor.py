@@ -74,10 +74,11 @@ class _InFlight:
 
 
 class StageLink(Frozen):
-    """A pipeline stage's listen address (the worker allocates the port)."""
+    """A pipeline stage's listening socket, bound by the worker (its port is already in
+    state). The supervisor hands the descriptor to the runner it starts and closes its own
+    copy, so the port lives exactly as long as the runner."""
 
-    bind_host: str
-    port: int
+    listen_fd: int
     step_timeout_s: float
 
 
@@ -170,6 +171,7 @@ class RunnerSupervisor:
     async def run(self) -> None:
         """Start the runner and supervise it until it exits; never raises for runner faults."""
         reason: str | None = None
+        link = self._link
         try:
             self._process = await anyio.open_process(
                 [sys.executable, "-m", "exo.worker.runner"],
@@ -179,10 +181,14 @@ class RunnerSupervisor:
                 env=runner_env(
                     self._shard.device, self._cpu_slot, self._cpu_slots, self._compile_cache
                 ),
+                pass_fds=() if link is None else (link.listen_fd,),
             )
         except OSError as exc:
             await self._report_exit(f"could not start runner: {exc}")
             return
+        finally:
+            if link is not None:
+                os.close(link.listen_fd)
         self.alive = True
         self._on_change()
         logger.info(f"runner {self.runner_id} started (pid {self._process.pid})")
@@ -193,7 +199,6 @@ class RunnerSupervisor:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._pump_stderr, process, stderr_done)
                 tg.start_soon(self._watch_load)
-                link = self._link
                 await self._send(
                     LoadShard(
                         model_dir=str(self._model_dir),
@@ -201,8 +206,7 @@ class RunnerSupervisor:
                         start_layer=self._shard.start_layer,
                         end_layer=self._shard.end_layer,
                         n_layers=self._shard.n_layers,
-                        listen_host=None if link is None else link.bind_host,
-                        listen_port=None if link is None else link.port,
+                        listen_fd=None if link is None else link.listen_fd,
                         step_timeout_s=60.0 if link is None else link.step_timeout_s,
                     )
                 )

@@ -1,5 +1,6 @@
 """The worker: folds plan() over state changes and carries out the actions it returns."""
 
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -17,7 +18,7 @@ from exo.shared.types.events import (
 from exo.shared.types.ids import ModelId, NodeId, RunnerId
 from exo.shared.types.runners import RunnerEndpoint, RunnerFailed
 from exo.shared.views import EventSink, StateView
-from exo.worker.pipeline.links import bind_host, free_port
+from exo.worker.pipeline.links import bind_host, listen_socket
 from exo.worker.plan import (
     AbortTask,
     Action,
@@ -171,13 +172,19 @@ class Worker:
             self._poke()
 
     async def _stage_link(self, runner_id: RunnerId) -> StageLink:
-        """Allocate a pipeline stage's listen port and report it in state; the runner binds
-        it before loading, so its neighbours link up while it loads."""
-        bind = bind_host(self._advertise_host)
-        port = free_port(bind)
+        """Open a pipeline stage's listening socket and report its port in state; the runner
+        inherits the socket and accepts on it before loading, so its neighbours link up while
+        it loads (until then their connections wait in the socket's backlog)."""
+        sock = listen_socket(bind_host(self._advertise_host))
+        port = int(sock.getsockname()[1])
+        link = StageLink(listen_fd=sock.detach(), step_timeout_s=self._step_timeout_s)
         endpoint = RunnerEndpoint(node_id=self._node_id, host=self._advertise_host, port=port)
-        await self._emitter.emit(RunnerEndpointReported(runner_id=runner_id, endpoint=endpoint))
-        return StageLink(bind_host=bind, port=port, step_timeout_s=self._step_timeout_s)
+        try:
+            await self._emitter.emit(RunnerEndpointReported(runner_id=runner_id, endpoint=endpoint))
+        except BaseException:
+            os.close(link.listen_fd)
+            raise
+        return link
 
     async def _prepare_model(self, model_id: ModelId) -> Path:
         """Convert/download the model into the store once; report progress as events."""

@@ -62,20 +62,21 @@ def advertised_host(api_host: str) -> str:
     return "127.0.0.1"
 
 
-def free_port(host: str) -> int:
-    """A port free on `host` right now (the runner binds it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def listen_socket(host: str) -> socket.socket:
+    """A stage's listening socket on a port the kernel picks. The worker binds it and hands
+    the open socket to its runner (no window in which another process could take the port
+    between choosing it and binding it)."""
+    return socket.create_server((host, 0), reuse_port=False)
 
 
 class StageListener:
-    """Accepts the previous stage's connection (and, on the first stage, the last's)."""
+    """Accepts the previous stage's connection (and, on the first stage, the last's) on a
+    listening socket it takes over."""
 
-    def __init__(self, host: str, port: int, put: Callable[[Received | LinkLost], None]) -> None:
+    def __init__(self, sock: socket.socket, put: Callable[[Received | LinkLost], None]) -> None:
         self._put = put
-        self._sock = socket.create_server((host, port), reuse_port=False)
-        self.port = int(self._sock.getsockname()[1])
+        self._sock = sock
+        self.port = int(sock.getsockname()[1])
         self._closed = False
         threading.Thread(target=self._accept, name="stage-accept", daemon=True).start()
 

@@ -27,6 +27,7 @@ queue between tokens, so a Cancel arriving mid-generation takes effect at the ne
 
 import json
 import queue
+import socket
 import threading
 import time
 from collections import deque
@@ -237,16 +238,19 @@ class Runner:
 
     def _listen(self, message: LoadShard) -> None:
         """A pipeline stage listens before it loads, so that its neighbours can link up."""
-        if message.listen_host is None or message.listen_port is None:
-            raise ValueError("a pipeline stage needs a listen address")
+        if message.listen_fd is None:
+            raise ValueError("a pipeline stage needs a listening socket")
         config_path = Path(message.model_dir) / "config.json"
         context = _context_length(config_path)
         self._stage_events = new_event_queue(context)
-        self._listener = StageListener(
-            message.listen_host, message.listen_port, self._stage_events.put
-        )
+        try:
+            sock = socket.socket(fileno=message.listen_fd)
+        except OSError as exc:
+            raise ValueError(f"no listening socket at fd {message.listen_fd}: {exc}") from None
+        self._listener = StageListener(sock, self._stage_events.put)
         self._step_timeout_s = message.step_timeout_s
-        logger.info(f"stage listening on {message.listen_host}:{self._listener.port}")
+        host, port = sock.getsockname()[:2]
+        logger.info(f"stage listening on {host}:{port}")
 
     def _handle(self, message: ToRunner | None) -> None:
         match message:

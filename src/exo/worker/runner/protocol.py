@@ -26,10 +26,10 @@ class LoadShard(Frozen):
     start_layer: int = Field(ge=0)
     end_layer: int = Field(gt=0)
     n_layers: int = Field(gt=0)
-    # Pipeline stages only (a shard holding every layer needs no link): where this
-    # runner listens for the previous stage's activations, and the per-step bound.
-    listen_host: str | None = None
-    listen_port: int | None = Field(default=None, gt=0, lt=65536)
+    # Pipeline stages only (a shard holding every layer needs no link): the listening socket,
+    # inherited from the worker, on which this runner accepts the previous stage's
+    # activations, and the per-step bound.
+    listen_fd: int | None = Field(default=None, ge=3)
     step_timeout_s: float = Field(default=60.0, gt=0)
 
 
