@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import cast
 
 import anyio
 from loguru import logger
@@ -217,9 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     setup_logging(config.log_dir, config.verbose)
     logger.info(f"data in {config.data_dir}, cache in {config.cache_dir}")
-    from exo.identity import IdentityError
     from exo.node import Node  # after logging is set up: importing the node is not free
-    from exo.shared.eventlog import EventLogBusy
 
     # asyncio's runner would cancel the main task on SIGINT; the node handles SIGINT itself.
     signal.signal(signal.SIGINT, lambda _signum, _frame: None)
@@ -227,12 +226,31 @@ def main(argv: list[str] | None = None) -> None:
         anyio.run(Node(config).run)
     except KeyboardInterrupt:
         pass
-    except (IdentityError, EventLogBusy) as exc:  # an operator's mistake: one clear line
-        logger.error(str(exc))
-        sys.exit(2)
     except Exception as exc:
+        mistake = _operator_mistake(exc)
+        if mistake is not None:  # one clear line, no traceback
+            logger.error(str(mistake))
+            sys.exit(2)
         logger.exception(f"exo stopped on an error: {exc}")
         sys.exit(1)
+
+
+def _operator_mistake(exc: BaseException) -> Exception | None:
+    """The operator's mistake behind `exc` (a busy event log, an unusable identity, a port
+    it cannot listen on), also when it comes wrapped in a task group's exception group."""
+    from exo.identity import IdentityError
+    from exo.shared.eventlog import EventLogBusy
+    from exo.shared.listen import ListenError
+
+    if isinstance(exc, IdentityError | EventLogBusy | ListenError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        group = cast(BaseExceptionGroup[BaseException], exc)
+        for inner in group.exceptions:
+            found = _operator_mistake(inner)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

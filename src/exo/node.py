@@ -37,6 +37,7 @@ from exo.routing.discovery import DiscoveredPeer, Discovery, parse_peer
 from exo.routing.mesh import Mesh, MeshConfig
 from exo.routing.router import Router
 from exo.routing.streams import StreamHub
+from exo.shared.listen import listen_tcp
 from exo.shared.types.cluster import ClusterStatus
 from exo.shared.types.commands import (
     Command,
@@ -170,7 +171,10 @@ class Node:
     async def run(self) -> None:
         logger.info(f"node {self._node_id} (session {self._session}) starting")
         shutdown = anyio.Event()
+        api_socket: socket.socket | None = None
         try:
+            # Bound first: a taken port is one clear error before anything else starts.
+            api_socket = listen_tcp("the API", self._config.api_host, self._config.api_port)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stop_on_signal, shutdown)
                 mesh_port = await tg.start(self._mesh.run)
@@ -205,11 +209,13 @@ class Node:
                 tg.start_soon(replacer.run)
                 tg.start_soon(self._preload)
                 # Hypercorn must end through its shutdown trigger, not by cancellation.
-                await self._serve_api(shutdown)
+                await self._serve_api(shutdown, api_socket)
                 logger.info("shutting down")
                 await self._leave_cluster()
                 tg.cancel_scope.cancel()
         finally:
+            if api_socket is not None:
+                api_socket.close()  # a no-op once the server took it
             self._store.close()
             logger.info("node stopped; event log closed")
 
@@ -292,13 +298,13 @@ class Node:
         except TimeoutError:
             logger.warning("could not leave the cluster in time; the others will time us out")
 
-    async def _serve_api(self, shutdown: anyio.Event) -> None:
+    async def _serve_api(self, shutdown: anyio.Event, sock: socket.socket) -> None:
         app = create_app(
             self, self._config.dashboard_dir, ApiSettings.from_node_config(self._config)
         )
         host, port = self._config.api_host, self._config.api_port
         logger.info(f"API listening on http://{host}:{port}")
-        await serve_http(app, host, port, shutdown.wait)
+        await serve_http(app, sock, shutdown.wait)
 
     async def _stop_on_signal(self, shutdown: anyio.Event) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

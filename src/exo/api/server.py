@@ -1,5 +1,6 @@
 """Hypercorn behind a typed function: the node owns the server's lifetime."""
 
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -11,11 +12,12 @@ _Serve = Callable[..., Awaitable[None]]
 
 
 async def serve_http(
-    app: FastAPI, host: str, port: int, shutdown: Callable[[], Awaitable[Any]]
+    app: FastAPI, sock: socket.socket, shutdown: Callable[[], Awaitable[Any]]
 ) -> None:
-    """Serve until `shutdown` returns; no signal handlers of its own."""
+    """Serve on `sock` (a listening socket, the server's from now on) until `shutdown`
+    returns; no signal handlers of its own."""
     config = Config()
-    config.bind = [f"{host}:{port}"]
+    config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 2.0

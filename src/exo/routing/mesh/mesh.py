@@ -52,6 +52,7 @@ from exo.routing.mesh.wire import (
     derive_cluster_key,
     public_cluster_key,
 )
+from exo.shared.listen import listen_error
 from exo.shared.types.base import Frozen
 from exo.shared.types.ids import NodeId
 
@@ -298,9 +299,13 @@ class Mesh:
 
     async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen and dial until cancelled; `task_status.started(port)` once listening."""
-        listener = await anyio.create_tcp_listener(
-            local_host=self.config.host, local_port=self.config.port
-        )
+        try:
+            listener = await anyio.create_tcp_listener(
+                local_host=self.config.host, local_port=self.config.port
+            )
+        except OSError as exc:
+            host = self.config.host or "*"
+            raise listen_error("the mesh", host, self.config.port, exc) from None
         self._port = int(listener.listeners[0].extra(SocketAttribute.local_port))
         try:
             async with anyio.create_task_group() as tg:
