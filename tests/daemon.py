@@ -68,28 +68,32 @@ class Daemon:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "exo.main",
+            "--api-host",
+            "127.0.0.1",
+            "--api-port",
+            str(self.port),
+            "--mesh-host",
+            "127.0.0.1",
+            "--mesh-port",
+            str(self.mesh_port),
+            *self.args,
+        ]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "EXO_HOME": str(self.home)}
+
     def start(self, timeout_s: float = 120.0) -> "Daemon":
-        env = {**os.environ, "EXO_HOME": str(self.home)}
         self.home.mkdir(parents=True, exist_ok=True)
         out = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "exo.main",
-                "--api-host",
-                "127.0.0.1",
-                "--api-port",
-                str(self.port),
-                "--mesh-host",
-                "127.0.0.1",
-                "--mesh-port",
-                str(self.mesh_port),
-                *self.args,
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
+            self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
