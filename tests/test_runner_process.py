@@ -174,25 +174,26 @@ def test_cancel_stops_the_running_task_and_drops_a_queued_one(
     assert runner.wait() == 0
 
 
-def test_bad_model_dir_reports_failed_and_exits_nonzero(
-    runner: RunnerProcess, tmp_path: Path
-) -> None:
-    runner.send(
-        LoadShard(
-            model_dir=str(tmp_path / "missing"),
-            engine="mlx",
-            start_layer=0,
-            end_layer=30,
-            n_layers=30,
-        )
-    )
+def failed_load_reason(runner: RunnerProcess, load: LoadShard) -> str:
+    """Send `load`, which must fail: the statuses up to the runner's exit end in Failed, the
+    runner exits non-zero; the failure's reason."""
+    runner.send(load)
     seen: list[StatusReport] = []
     while (message := runner.recv()) is not None:
         assert isinstance(message, StatusReport)
         seen.append(message)
     assert seen[-1].status.kind == "failed"
-    assert "missing" in getattr(seen[-1].status, "reason", "")
     assert runner.wait() != 0
+    return getattr(seen[-1].status, "reason", "")
+
+
+def test_bad_model_dir_reports_failed_and_exits_nonzero(
+    runner: RunnerProcess, tmp_path: Path
+) -> None:
+    missing = LoadShard(
+        model_dir=str(tmp_path / "missing"), engine="mlx", start_layer=0, end_layer=30, n_layers=30
+    )
+    assert "missing" in failed_load_reason(runner, missing)
 
 
 def test_a_stage_without_its_listening_socket_fails_clearly(
@@ -200,23 +201,15 @@ def test_a_stage_without_its_listening_socket_fails_clearly(
 ) -> None:
     """A pipeline stage whose LoadShard names a descriptor it did not inherit fails its load
     with the reason (and exits) instead of loading a stage no neighbour can reach."""
-    runner.send(
-        LoadShard(
-            model_dir=str(model_dir),
-            engine="mlx",
-            start_layer=0,
-            end_layer=15,
-            n_layers=30,
-            listen_fd=99,
-        )
+    stage = LoadShard(
+        model_dir=str(model_dir),
+        engine="mlx",
+        start_layer=0,
+        end_layer=15,
+        n_layers=30,
+        listen_fd=99,
     )
-    seen: list[StatusReport] = []
-    while (message := runner.recv()) is not None:
-        assert isinstance(message, StatusReport)
-        seen.append(message)
-    assert seen[-1].status.kind == "failed"
-    assert "no listening socket at fd 99" in getattr(seen[-1].status, "reason", "")
-    assert runner.wait() != 0
+    assert "no listening socket at fd 99" in failed_load_reason(runner, stage)
 
 
 # ---- continuous batching (torch engine) --------------------------------------------------

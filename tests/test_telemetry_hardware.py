@@ -18,7 +18,10 @@ def _nvml_or_skip() -> None:
         nvml = Nvml.load()
         nvml.init()
     except NvmlError as exc:
-        reason = f"no NVML on this machine ({exc}); the fake-NVML tests cover the logic"
+        reason = (
+            f"no NVML on this machine ({exc}); the fake-NVML tests cover the logic, this one "
+            "waits for a machine with an NVIDIA driver"
+        )
         print(reason)
         pytest.skip(reason)
     count = nvml.device_count()
