@@ -48,6 +48,7 @@ from exo.worker.pipeline.links import (
     StageSender,
     listen_socket,
 )
+from exo.worker.runner.protocol import RUNNER_THREADS_ENV
 from exo.worker.supervisor import runner_env
 from exo.worker.telemetry.profiler import cpu_bandwidth
 
@@ -56,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.pipeline_chain import Chain
 
 MODEL = "smollm2-135m-instruct"
+# What the worker sets for torch stages that share a node's cores.
+SHARING_ENV = (RUNNER_THREADS_ENV, "GOMP_SPINCOUNT")
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -234,13 +237,15 @@ def main() -> None:
     parser.add_argument("--stream-tokens", type=int, default=48)
     parser.add_argument(
         "--layout",
-        choices=["split", "shared", "nodes"],
+        choices=["split", "pinned", "shared", "nodes"],
         default="split",
-        help="split: each stage on its own half of the cores (what the worker does with two "
-        "stages of an instance on one node); shared: both stages on every core, their "
-        "threads sleeping when idle (the worker's fallback with fewer cores than stages); "
-        "nodes: each stage on its own half and the single stage on one half too, as if each "
-        "half were a node of its own",
+        help="split: what the worker does with two stages of an instance on one node (MLX: "
+        "each stage on its own half of the cores; torch: both on every core, each stepping "
+        "with all of them while the other has nothing to do and with its half otherwise); "
+        "pinned: each stage on its own half, whatever the engine; shared: both stages on "
+        "every core, their threads sleeping when idle (the worker's fallback with fewer cores "
+        "than stages); nodes: each stage on its own half and the single stage on one half "
+        "too, as if each half were a node of its own",
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -271,6 +276,11 @@ def main() -> None:
         # Both stages on every core, with the environment the worker gives such stages.
         env = runner_env("cpu", 0, 2, cores={0: (0, 0)})  # no core each: they share
         two_env = {k: v for k, v in env.items() if k.startswith(("OMP_", "GOMP_"))}
+        two_cpus = None
+    elif layout == "split" and engine == "torch":
+        # Each stage's environment from the worker (the same for both of two stages).
+        env = runner_env("cpu", 0, 2, engine=engine)
+        two_env = {k: v for k, v in env.items() if k in SHARING_ENV}
         two_cpus = None
     stages: list[tuple[EngineName, int, int]] = [(engine, 0, 15), (engine, 15, 30)]
     two = Chain(model_dir, stages, logs / "two", env=two_env, cpus=two_cpus)

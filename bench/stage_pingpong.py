@@ -25,7 +25,14 @@ import numpy as np
 
 from exo.shared.types.chat import SamplingParams
 from exo.shared.types.instances import EngineName
-from exo.worker.engines.base import BatchingEngine, Engine, ShardSpec, load_engine, warm_up
+from exo.worker.engines.base import (
+    BatchingEngine,
+    Engine,
+    ShardSpec,
+    SharesCores,
+    load_engine,
+    warm_up,
+)
 
 GREEDY = SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0)
 
@@ -37,6 +44,8 @@ def step(engine: Engine[Any, Any], request: object, i: int) -> None:
     else:
         hidden = np.random.default_rng(i).standard_normal((1, 1, engine.hidden_size))
         x = engine.from_numpy(hidden.astype(np.float16))
+    if isinstance(engine, SharesCores):
+        engine.use_cores(True)  # one stream: the other stage waits for this one
     out = engine.forward(x, request)
     if engine.shard.is_last:
         engine.read_token(engine.sample(out, GREEDY, request))

@@ -22,7 +22,8 @@ from exo.worker.pipeline.frames import (
     encode_array,
     encode_begin,
 )
-from exo.worker.runner.protocol import Cancel, StageLeft
+from exo.worker.runner.protocol import RUNNER_THREADS_ENV, Cancel, StageLeft
+from exo.worker.supervisor import runner_env
 from tests.conftest import BUILTIN
 from tests.factories import chat_params
 from tests.pipeline_chain import OWNER, Chain
@@ -129,6 +130,31 @@ def test_concurrent_requests_share_the_pipeline(
     assert all(isinstance(end, StreamEnd) for _, end in results.values()), results
     # Its own KV cache per request: the reference prompt's tokens are unchanged.
     assert results["c0"][0] == reference["mlx"]
+
+
+def test_torch_stages_sharing_cores_keep_their_tokens(
+    model_dir: Path, reference: dict[EngineName, list[int]], tmp_path: Path
+) -> None:
+    """Two torch stages with the environment the worker gives stages sharing a node's cores:
+    one stream steps on all of them, several on each stage's share, switching as requests
+    come and go; the tokens stay the single stage's."""
+    env = runner_env("cpu", 0, 2, engine="torch")
+    sharing = {k: v for k, v in env.items() if k in (RUNNER_THREADS_ENV, "GOMP_SPINCOUNT")}
+    chain = Chain(model_dir, [("torch", 0, 15), ("torch", 15, 30)], tmp_path, env=sharing)
+    try:
+        chain.generate("alone", PROMPT, TOKENS)
+        alone = chain.collect(["alone"])["alone"]
+        tasks = [f"c{i}" for i in range(4)]
+        for i, task in enumerate(tasks):
+            chain.generate(
+                task, PROMPT if i == 0 else f"Count to {i + 3}.", TOKENS if i == 0 else 12
+            )
+        results = chain.collect(tasks)
+    finally:
+        chain.close()
+    assert alone[0] == reference["torch"], alone
+    assert all(isinstance(end, StreamEnd) for _, end in results.values()), results
+    assert results["c0"][0] == reference["torch"]
 
 
 def test_malformed_frames_fail_only_their_request(

@@ -19,10 +19,10 @@ from exo.shared.types.events import (
 from exo.shared.types.instances import Instance
 from exo.shared.types.runners import RunnerEndpoint, RunnerReady, RunnerWarmingUp
 from exo.shared.types.state import State
-from exo.worker.cores import cpu_share
+from exo.worker.cores import cpu_share, physical_count
 from exo.worker.plan import DispatchTask, LinkStage, SpawnRunner, WorkerView, plan
-from exo.worker.runner.protocol import RUNNER_CPUS_ENV
-from exo.worker.supervisor import runner_env
+from exo.worker.runner.protocol import RUNNER_CPUS_ENV, RUNNER_THREADS_ENV
+from exo.worker.supervisor import SHARED_CORES_SPINS, runner_env
 from tests.factories import INSTANCES, NODES, TASKS, indexed, instance, runner_of, task
 
 ME, OTHER = NODES
@@ -105,9 +105,33 @@ def test_runner_env_gives_co_located_cpu_stages_their_own_cores() -> None:
         assert "OMP_WAIT_POLICY" not in runner_env("cpu", cores=TWO_CORES)
 
 
+def test_co_located_torch_stages_run_on_every_core_with_two_thread_counts() -> None:
+    """A torch stage steps with all the cores while the other stages have nothing to do,
+    with its share otherwise (TorchEngine.use_cores): it is not pinned, it gets counts."""
+    for slot in range(2):
+        env = runner_env("cpu", slot, 2, cores=HYPERTHREADED, engine="torch")
+        assert RUNNER_CPUS_ENV not in env
+        assert env[RUNNER_THREADS_ENV] == "1,2"  # physical cores: hyperthreads count once
+        if "GOMP_SPINCOUNT" not in os.environ:
+            assert env["GOMP_SPINCOUNT"] == str(SHARED_CORES_SPINS)
+    three = {0: (0, 0), 1: (0, 1), 2: (1, 0)}
+    assert [
+        runner_env("cpu", i, 2, cores=three, engine="torch")[RUNNER_THREADS_ENV] for i in (0, 1)
+    ] == ["1,3", "2,3"]
+    # An MLX stage keeps its own cores; a lone torch stage, and one with fewer cores than
+    # stages, get no counts.
+    assert runner_env("cpu", 1, 2, cores=TWO_CORES, engine="mlx")[RUNNER_CPUS_ENV] == "1"
+    assert RUNNER_THREADS_ENV not in runner_env("cpu", cores=TWO_CORES, engine="torch")
+    crowded = runner_env("cpu", 1, 3, cores=TWO_CORES, engine="torch")
+    assert RUNNER_THREADS_ENV not in crowded and crowded["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert physical_count(HYPERTHREADED, {0, 1, 2, 3}) == 2
+
+
 def test_only_the_supervisor_pins_runners(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(RUNNER_CPUS_ENV, "0")
+    monkeypatch.setenv(RUNNER_THREADS_ENV, "1,2")
     assert RUNNER_CPUS_ENV not in runner_env("cpu", cores=TWO_CORES)
+    assert RUNNER_THREADS_ENV not in runner_env("cpu", cores=TWO_CORES, engine="torch")
     assert runner_env("cpu", 1, 2, cores=TWO_CORES)[RUNNER_CPUS_ENV] == "1"
 
 

@@ -14,7 +14,7 @@ from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
 from exo.shared.types.ids import TaskId
 from exo.worker.engines.base import ChatTokenizer, ShardSpec, load_engine, warm_up
 from exo.worker.engines.choice import default_engine
-from exo.worker.engines.torch import cpu_ops
+from exo.worker.engines.torch import cpu_ops, device
 from exo.worker.engines.torch.cache import KVCache, RequestBatch
 from exo.worker.engines.torch.compiled import CompiledDecoder
 from exo.worker.engines.torch.engine import TorchEngine, TorchRequest
@@ -29,6 +29,7 @@ from exo.worker.engines.torch.quant import (
     unpack_mlx,
 )
 from exo.worker.generate import generate
+from exo.worker.runner.protocol import RUNNER_THREADS_ENV
 from tests.conftest import BUILTIN
 
 N_LAYERS = 30
@@ -317,6 +318,81 @@ def test_compiled_decode_falls_back_to_eager_when_compiling_fails(tmp_path: Path
     assert decoder.failed
     assert torch.equal(got, expected)
     assert compiled.cache.length == eager.cache.length == 4
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", (4,)),
+        ("1,4", (1, 4)),
+        ("2,3", (2, 3)),
+        ("4,4", (4,)),
+        ("0,2", (4,)),
+        ("1,8", (4,)),
+        ("two,four", (4,)),
+        ("1,2,3", (4,)),
+    ],
+)
+def test_thread_counts_come_from_the_worker_within_this_process_cores(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: tuple[int, ...]
+) -> None:
+    monkeypatch.setattr(device, "physical_cores", lambda: 4)
+    monkeypatch.setenv(RUNNER_THREADS_ENV, value)
+    assert device.cpu_threads() == expected
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler"
+)
+def test_a_stage_sharing_cores_has_graphs_for_both_thread_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's graphs are guarded by its thread count: a stage that switches between its
+    share of a node's cores and all of them (`use_cores`) needs graphs for both counts, or
+    every step at the other count runs eagerly."""
+    _save_tiny("llama", tmp_path)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(device, "physical_cores", lambda: 2)
+    set_stance = torch.compiler.set_stance
+
+    def strict(stance: str = "default", **kwargs: Any) -> Any:
+        # After preparing, a step that needs a graph the decoder lacks fails (and the
+        # decoder says so) instead of running eagerly, which looks the same from outside.
+        wanted: Any = "fail_on_recompile" if stance == "eager_on_recompile" else stance
+        return set_stance(wanted, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", strict)
+    prompt = [3, 17, 99]
+
+    def step(engine: TorchEngine) -> torch.Tensor:
+        request = engine.new_request(16, seed=0)
+        engine.forward(engine.token_input(prompt), request)
+        return engine.forward(engine.token_input([42]), request)
+
+    try:
+        # The control: a stage that never switches has graphs for its one count only.
+        lone = TorchEngine.load(tmp_path, ShardSpec(0, 3, 3), _ignore, weights="int4")
+        assert lone.placement.threads == (2,)
+        torch.set_num_threads(1)
+        step(lone)
+        assert lone.decoder is not None and lone.decoder.failed
+        # A stage sharing cores: compiled at both counts, the same logits at each.
+        monkeypatch.setenv(RUNNER_THREADS_ENV, "1,2")
+        shared = TorchEngine.load(tmp_path, ShardSpec(0, 3, 3), _ignore, weights="int4")
+        assert shared.placement.threads == (1, 2)
+        assert torch.get_num_threads() == 2  # it loads with all of them
+        outputs: list[torch.Tensor] = []
+        for alone in (False, True, False):
+            shared.use_cores(alone)
+            assert torch.get_num_threads() == (2 if alone else 1)
+            outputs.append(step(shared))
+        decoder = shared.decoder
+        assert decoder is not None and decoder.prepared and not decoder.failed
+        shared.decoder = None
+        eager = step(shared)
+        assert all(torch.allclose(out, eager, atol=1e-4) for out in outputs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---- the built-in model ------------------------------------------------------------------

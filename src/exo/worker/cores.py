@@ -2,11 +2,13 @@
 
 Each stage gets whole physical cores of its own (hyperthreads of a core stay together), so
 no stage's threads wait on a core another stage holds; `supervisor.runner_env` hands the
-set to the runner, which applies it before it starts a thread.
+set to the runner, which applies it before it starts a thread. A torch stage gets thread
+counts instead (`physical_count` of its share and of all the cores): it runs on all of them
+and takes all when no other stage has work, its share otherwise.
 """
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 
@@ -39,3 +41,9 @@ def cpu_share(cores: Mapping[int, tuple[int, int]], slot: int, slots: int) -> se
         return None
     mine = ordered[slot * len(ordered) // slots : (slot + 1) * len(ordered) // slots]
     return {cpu for group in mine for cpu in group}
+
+
+def physical_count(cores: Mapping[int, tuple[int, int]], cpus: Iterable[int]) -> int:
+    """How many physical cores these CPUs are (a thread per core: hyperthreads share one's
+    load ports)."""
+    return len({cores[cpu] for cpu in cpus if cpu in cores})

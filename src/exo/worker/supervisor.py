@@ -29,16 +29,17 @@ from exo.shared.types.events import (
     TaskStarted,
 )
 from exo.shared.types.ids import NodeId, RunnerId, TaskId
-from exo.shared.types.instances import ShardAssignment
+from exo.shared.types.instances import EngineName, ShardAssignment
 from exo.shared.types.runners import RunnerFailed, RunnerLoading, RunnerStatus, RunnerStopped
 from exo.shared.types.stream import StreamEnd, StreamError, StreamMessage, TokenChunk
 from exo.shared.types.tasks import Task
 from exo.shared.views import EventSink
-from exo.worker.cores import cpu_cores, cpu_share
+from exo.worker.cores import cpu_cores, cpu_share, physical_count
 from exo.worker.runner.protocol import (
     FROM_RUNNER,
     HEADER_BYTES,
     RUNNER_CPUS_ENV,
+    RUNNER_THREADS_ENV,
     TO_RUNNER,
     Cancel,
     ConnectNext,
@@ -82,12 +83,20 @@ class StageLink(Frozen):
     step_timeout_s: float
 
 
+# OpenMP spin (iterations) of a torch stage on shared cores: long enough that its threads
+# stay awake between the kernels of one step, short enough that they do not hold a core
+# once the step is done (measured, two bare stages on 2 cores: 1,000 / 3,000 / 10,000 spins
+# 190-208 / 206-218 / 178-207 steps/s, 100 spins 113-120, sleeping at once 131-143).
+SHARED_CORES_SPINS = 3000
+
+
 def runner_env(
     device: str,
     cpu_slot: int = 0,
     cpu_slots: int = 1,
     compile_cache: Path | None = None,
     cores: Mapping[int, tuple[int, int]] | None = None,
+    engine: EngineName | None = None,
 ) -> dict[str, str]:
     """The runner's environment: a "cuda:<i>" shard sees only that GPU, a "cpu" shard none
     (so a torch stage pinned to the CPU stays there on a machine with GPUs).
@@ -96,24 +105,33 @@ def runner_env(
     reboots: inductor's default, /tmp/torchinductor_$USER, is wiped with /tmp, and a cold
     compile of the built-in model takes ~70 s against ~14 s warm. A value the user set wins.
 
-    CPU stages of one instance on one node (`cpu_slots` > 1) each get their own physical
-    cores (`RUNNER_CPUS_ENV`, applied by the runner before it starts a thread; its torch
-    threads follow), so neither stage's threads ever wait on a core the other holds.
-    Measured, two torch stages on 2 cores: 1 / 4 streams 126 / 274 tokens/s on a core each,
-    93 / 180 both on both cores (docs/benchmarks.md, session 6). Where there are fewer cores than
+    CPU stages of one instance on one node (`cpu_slots` > 1) divide the node's physical
+    cores (`cores.cpu_share`). An MLX stage runs on its share alone (`RUNNER_CPUS_ENV`,
+    applied by the runner before it starts a thread). A torch stage gets two thread counts
+    (`RUNNER_THREADS_ENV`: its share's cores, all the cores) and runs on every core: it
+    steps with all of them when no other stage can have work (one request in flight: the
+    stages take turns), with its share when several requests keep the stages busy at once
+    (`TorchEngine.use_cores`). Measured, two torch stages on 2 cores, 1 / 4 streams: 198-206
+    / 277-281 tokens/s this way, 154 / 274 a core each, 93 / 180 both on both cores with
+    sleeping threads (docs/benchmarks.md, sessions 6 and 8). Where there are fewer cores than
     stages they share them, and their OpenMP threads sleep as soon as they are idle:
     spinning, the idle stage's threads would take the cores from the busy one."""
-    env = {k: v for k, v in os.environ.items() if k != RUNNER_CPUS_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (RUNNER_CPUS_ENV, RUNNER_THREADS_ENV)}
     if compile_cache is not None:
         env.setdefault(INDUCTOR_CACHE_ENV, str(compile_cache))
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
         if cpu_slots > 1:
-            share = cpu_share(cpu_cores() if cores is None else cores, cpu_slot, cpu_slots)
-            if share is not None:
-                env[RUNNER_CPUS_ENV] = ",".join(str(cpu) for cpu in sorted(share))
-            else:
+            cores = cpu_cores() if cores is None else cores
+            share = cpu_share(cores, cpu_slot, cpu_slots)
+            if share is None:
                 env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            elif engine == "torch":
+                own, every = physical_count(cores, share), physical_count(cores, cores)
+                env[RUNNER_THREADS_ENV] = f"{own},{every}"
+                env.setdefault("GOMP_SPINCOUNT", str(SHARED_CORES_SPINS))
+            else:
+                env[RUNNER_CPUS_ENV] = ",".join(str(cpu) for cpu in sorted(share))
     elif device.startswith("cuda:") and "CUDA_VISIBLE_DEVICES" not in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = device.removeprefix("cuda:")
     return env
@@ -179,7 +197,11 @@ class RunnerSupervisor:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=runner_env(
-                    self._shard.device, self._cpu_slot, self._cpu_slots, self._compile_cache
+                    self._shard.device,
+                    self._cpu_slot,
+                    self._cpu_slots,
+                    self._compile_cache,
+                    engine=self._shard.engine,
                 ),
                 pass_fds=() if link is None else (link.listen_fd,),
             )

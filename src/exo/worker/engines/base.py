@@ -146,6 +146,17 @@ class BatchingEngine(Engine[ArrayT, RequestT], Protocol[ArrayT, RequestT]):
         ...
 
 
+@runtime_checkable
+class SharesCores(Protocol):
+    """An engine whose steps can use more or fewer of the CPU cores it shares with other
+    stages of its instance on one node (the torch engine; a no-op elsewhere)."""
+
+    def use_cores(self, alone: bool) -> None:
+        """Before a step: `alone` when the step carries every request this stage holds, so
+        that no other stage of the instance can have work while it runs."""
+        ...
+
+
 def load_engine(
     engine: EngineName, model_dir: Path, shard: ShardSpec, on_progress: ProgressCallback
 ) -> Engine[Any, Any]:

@@ -12,6 +12,9 @@ with several requests in flight the stages work on different requests at once. T
 stage admits at most `MAX_ACTIVE` requests; the others wait in its queue. On an engine with
 batched decode (torch) the queued one-position steps of several requests run as one pass.
 
+Stages of one instance that share a node's CPU cores (torch) step with all of them while a
+step carries every request the stage holds, with their own share otherwise.
+
 Faults: a frame that is wrong for its request fails that request only (a StreamError for
 its owner, END along the ring); a lost link fails every request this stage holds and ends
 the runner (exit code 1), which marks the instance failed. The first stage fails a request
@@ -34,7 +37,7 @@ from loguru import logger
 from exo.shared.types.ids import TaskId
 from exo.shared.types.runners import RunnerFailed, RunnerReady, RunnerRunning, RunnerStatus
 from exo.shared.types.stream import StreamEnd, StreamError
-from exo.worker.engines.base import BatchingEngine, ChatTokenizer, Engine
+from exo.worker.engines.base import BatchingEngine, ChatTokenizer, Engine, SharesCores
 from exo.worker.generate import PREFILL_CHUNK_TOKENS, TokenStream, prompt_budget
 from exo.worker.pipeline.frames import (
     BeginRequest,
@@ -119,6 +122,7 @@ class StageLoop:
     ) -> None:
         self._engine = engine
         self._batching = isinstance(engine, BatchingEngine)
+        self._cores = engine if isinstance(engine, SharesCores) else None
         self._tokenizer = tokenizer
         self._inbox = inbox
         self._events = events
@@ -368,6 +372,7 @@ class StageLoop:
             raise FrameRejected(f"step {frame.step} where position {req.position} was expected")
         if req.position + n > req.begin.context_tokens:
             raise FrameRejected(f"positions beyond the request's {req.begin.context_tokens}")
+        self._claim_cores(1)
         out = self._engine.forward(self._engine.from_numpy(x), req.handle)
         req.position += n
         if not self._last:
@@ -396,6 +401,7 @@ class StageLoop:
             self._release(req)
             self._send_next(encode_end(req.task_id, "finished", error=False))
             return
+        self._claim_cores(1)
         out = self._engine.forward(self._engine.token_input([token]), req.handle)
         hidden = self._engine.to_numpy(out)
         self._send_next(
@@ -414,6 +420,13 @@ class StageLoop:
         self._send_next(encode_end(req.task_id, reason, error=error))
 
     # ---- batched decode (engines with `forward_batch`) --------------------------------
+
+    def _claim_cores(self, rows: int) -> None:
+        """A step of `rows` requests: when they are all the requests this stage holds, the
+        other stages of the ring have nothing to do (one stream: the stages take turns), so
+        an engine sharing a node's cores with them may take all of the cores."""
+        if self._cores is not None:
+            self._cores.use_cores(rows >= len(self._active))
 
     def _batchable(self, frame: Frame) -> bool:
         if not self._batching or frame.request_id not in self._active:
@@ -458,6 +471,7 @@ class StageLoop:
                 x = engine.batch_input(tokens)
             else:
                 x = engine.from_numpy(np.concatenate(hidden, axis=0))
+            self._claim_cores(len(reqs))
             out = engine.forward_batch(x, [r.handle for r in reqs])
             if self._last:
                 samplings = [r.begin.params.sampling for r in reqs]
@@ -545,6 +559,7 @@ class StageLoop:
             return False
         chunk = req.chunks.popleft()
         try:
+            self._claim_cores(1)
             out = self._engine.forward(self._engine.token_input(chunk), req.handle)
             hidden = self._engine.to_numpy(out)
         except Exception as exc:

@@ -16,6 +16,9 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 # The CPUs a runner runs on ("0,1"), set by its supervisor for stages that share a node's
 # cores; the runner applies it before it starts any thread.
 RUNNER_CPUS_ENV = "EXO_RUNNER_CPUS"
+# A torch stage that shares a node's cores with other stages of its instance: its thread
+# counts "own,all" (its share of the cores, and all of them), set by its supervisor.
+RUNNER_THREADS_ENV = "EXO_RUNNER_THREADS"
 _LEN = struct.Struct(">I")
 
 

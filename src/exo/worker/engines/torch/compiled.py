@@ -13,7 +13,9 @@ every length.
 
 The batch size is part of a graph (each request brings its own cache tensors): sizes are
 padded to a bucket (1, 2, 4, 8) with scratch requests, one graph per bucket, all compiled
-at load; larger batches run in chunks of 8. Any failure to compile (no C++ compiler, an inductor
+at load; larger batches run in chunks of 8. So is torch's thread count (the compiler's
+guards check it: a step at another count would run eagerly): a stage that switches between
+two counts (`TorchEngine.use_cores`) gets each bucket's graph for each. Any failure to compile (no C++ compiler, an inductor
 bug) falls back to eager for good.
 """
 
@@ -93,8 +95,11 @@ def _decode_step(
 class CompiledDecoder:
     """One-token steps (x [B, 1] ids or [B, 1, D] hidden) of a stage, compiled."""
 
-    def __init__(self, stage: LlamaStage) -> None:
+    def __init__(self, stage: LlamaStage, threads: Sequence[int] = ()) -> None:
+        """`threads`: the thread counts steps will run at (each gets its graphs); the
+        current count when empty."""
         self.stage = stage
+        self._threads = tuple(threads)
         self.failed = False
         # Set once every bucket compiled: from then on a step that would need another graph
         # runs eagerly instead of stalling every request for the compiler.
@@ -104,7 +109,8 @@ class CompiledDecoder:
         # Every decoder of the process shares `_decode_step`'s cache of graphs (benches and
         # tests load several stages in one process): room for this one's.
         config = torch._dynamo.config  # pyright: ignore[reportPrivateUsage]
-        config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT) + _RECOMPILE_LIMIT
+        room = _RECOMPILE_LIMIT * max(1, len(self._threads))
+        config.recompile_limit = max(config.recompile_limit, room) + room
         # The fused loops are a few thousand elements: serial C++. Threaded, each would be an
         # OpenMP barrier, and a barrier waits a whole time slice whenever the other core is
         # busy (measured: 2.6 instead of 40 tokens/s beside other jobs). The int4 matmuls
@@ -169,8 +175,22 @@ class CompiledDecoder:
 
     def prepare(self) -> None:
         """Compile every bucket before any request waits for the compiler, each request's
-        length and cache size as symbols: one graph per bucket serves every request."""
+        length and cache size as symbols: one graph per bucket (and thread count) serves
+        every request."""
         started = time.perf_counter()
+        current = torch.get_num_threads()
+        try:
+            for threads in self._threads or (current,):
+                torch.set_num_threads(threads)
+                if not self._compile_buckets():
+                    return
+        finally:
+            torch.set_num_threads(current)
+        self.prepared = True
+        counts = f" for {len(self._threads)} thread counts" if len(self._threads) > 1 else ""
+        logger.info(f"compiled decode steps{counts} in {time.perf_counter() - started:.1f} s")
+
+    def _compile_buckets(self) -> bool:
         stage = self.stage
         # The config module gets `patch` at import time: untyped.
         config: Any = torch.compiler.config
@@ -189,6 +209,5 @@ class CompiledDecoder:
                 except Exception:
                     logger.opt(exception=True).warning("compiling decode failed; decoding eagerly")
                     self.failed = True
-                    return
-        self.prepared = True
-        logger.info(f"compiled decode steps in {time.perf_counter() - started:.1f} s")
+                    return False
+        return True

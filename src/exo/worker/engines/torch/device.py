@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 import psutil
 import torch
+from loguru import logger
 
 from exo.worker.engines.torch.quant import WeightFormat, int4_kernel_available
+from exo.worker.runner.protocol import RUNNER_THREADS_ENV
 
 # Overrides the weight format chosen per device (int4, bfloat16, float16, float32).
 WEIGHTS_ENV = "EXO_TORCH_WEIGHTS"
@@ -22,6 +24,8 @@ class Placement:
     weights: WeightFormat
     # Residual stream, norms, attention and KV cache.
     activation_dtype: torch.dtype
+    # CPU: the thread counts a step may use, fewest first (`cpu_threads`); empty on CUDA.
+    threads: tuple[int, ...] = ()
 
 
 def physical_cores() -> int:
@@ -32,6 +36,28 @@ def physical_cores() -> int:
     if sys.platform == "linux":
         cores = min(cores, len(os.sched_getaffinity(0)))
     return max(1, cores)
+
+
+def cpu_threads() -> tuple[int, ...]:
+    """The thread counts of this process's CPU steps: its physical cores; for a stage that
+    shares a node's cores with other stages of its instance ($EXO_RUNNER_THREADS "own,all",
+    set by the worker: supervisor.runner_env), its share's count and the count of all of
+    them. A value this process cannot use is logged and ignored."""
+    cores = physical_cores()
+    value = os.environ.get(RUNNER_THREADS_ENV, "").strip()
+    if not value:
+        return (cores,)
+    try:
+        own, every = (int(part) for part in value.split(","))
+    except ValueError:
+        own = every = 0
+    if not 1 <= own < every <= cores:
+        logger.warning(
+            f"ignoring ${RUNNER_THREADS_ENV}={value!r}: expected 'own,all' thread counts "
+            f"with 1 <= own < all <= {cores} (this process's cores)"
+        )
+        return (cores,)
+    return (own, every)
 
 
 def choose_placement(weights: WeightFormat | None = None) -> Placement:
@@ -46,10 +72,11 @@ def choose_placement(weights: WeightFormat | None = None) -> Placement:
         if fmt == "float16":
             dtype = torch.float16
         return Placement(torch.device("cuda"), fmt, dtype)
-    torch.set_num_threads(physical_cores())
+    threads = cpu_threads()
+    torch.set_num_threads(threads[-1])
     fmt = weights or ("int4" if int4_kernel_available() else "float32")
     # The CPU keeps float32 between matmuls: bf16 there costs accuracy and saves nothing.
-    return Placement(torch.device("cpu"), fmt, torch.float32)
+    return Placement(torch.device("cpu"), fmt, torch.float32, threads)
 
 
 def _format_from_env() -> WeightFormat | None:

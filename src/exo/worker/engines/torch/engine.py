@@ -88,7 +88,7 @@ class TorchEngine:
         engine = cls(stage, shard, placement)
         # The fast CPU format only: the dense formats are references and stay eager.
         if placement.weights == "int4" and compile_wanted(placement.device):
-            engine.decoder = CompiledDecoder(stage)
+            engine.decoder = CompiledDecoder(stage, placement.threads)
             engine.decoder.prepare()
         return engine
 
@@ -107,6 +107,19 @@ class TorchEngine:
     @property
     def context_length(self) -> int:
         return self._stage.args.max_position_embeddings
+
+    def use_cores(self, alone: bool) -> None:
+        """Before a step of a stage that shares its node's cores with other stages of its
+        instance (`Placement.threads` has two counts): all the cores when no other stage
+        can have work (`alone`: this step carries every request the stage holds), else its
+        own share. Both counts have compiled graphs (the compiler's guards include torch's
+        thread count), so the switch costs nothing."""
+        threads = self.placement.threads
+        if len(threads) < 2:
+            return
+        wanted = threads[-1] if alone else threads[0]
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
     @property
     def device(self) -> torch.device:
