@@ -2,6 +2,8 @@
 the built-in model against transformers reading the GGUF, slicing, batching, CUDA shapes."""
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -344,55 +346,20 @@ def test_thread_counts_come_from_the_worker_within_this_process_cores(
 @pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler"
 )
-def test_a_stage_sharing_cores_has_graphs_for_both_thread_counts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_stage_sharing_cores_has_graphs_for_both_thread_counts(tmp_path: Path) -> None:
     """torch's graphs are guarded by its thread count: a stage that switches between its
     share of a node's cores and all of them (`use_cores`) needs graphs for both counts, or
-    every step at the other count runs eagerly."""
+    every step at the other count runs eagerly. In a process of its own, as in a runner
+    (tests/helpers_torch_threads.py says why)."""
     _save_tiny("llama", tmp_path)
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(device, "physical_cores", lambda: 2)
-    set_stance = torch.compiler.set_stance
-
-    def strict(stance: str = "default", **kwargs: Any) -> Any:
-        # After preparing, a step that needs a graph the decoder lacks fails (and the
-        # decoder says so) instead of running eagerly, which looks the same from outside.
-        wanted: Any = "fail_on_recompile" if stance == "eager_on_recompile" else stance
-        return set_stance(wanted, **kwargs)
-
-    monkeypatch.setattr(torch.compiler, "set_stance", strict)
-    prompt = [3, 17, 99]
-
-    def step(engine: TorchEngine) -> torch.Tensor:
-        request = engine.new_request(16, seed=0)
-        engine.forward(engine.token_input(prompt), request)
-        return engine.forward(engine.token_input([42]), request)
-
-    try:
-        # The control: a stage that never switches has graphs for its one count only.
-        lone = TorchEngine.load(tmp_path, ShardSpec(0, 3, 3), _ignore, weights="int4")
-        assert lone.placement.threads == (2,)
-        torch.set_num_threads(1)
-        step(lone)
-        assert lone.decoder is not None and lone.decoder.failed
-        # A stage sharing cores: compiled at both counts, the same logits at each.
-        monkeypatch.setenv(RUNNER_THREADS_ENV, "1,2")
-        shared = TorchEngine.load(tmp_path, ShardSpec(0, 3, 3), _ignore, weights="int4")
-        assert shared.placement.threads == (1, 2)
-        assert torch.get_num_threads() == 2  # it loads with all of them
-        outputs: list[torch.Tensor] = []
-        for alone in (False, True, False):
-            shared.use_cores(alone)
-            assert torch.get_num_threads() == (2 if alone else 1)
-            outputs.append(step(shared))
-        decoder = shared.decoder
-        assert decoder is not None and decoder.prepared and not decoder.failed
-        shared.decoder = None
-        eager = step(shared)
-        assert all(torch.allclose(out, eager, atol=1e-4) for out in outputs)
-    finally:
-        torch.set_num_threads(threads)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.helpers_torch_threads", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]
 
 
 # ---- the built-in model ------------------------------------------------------------------

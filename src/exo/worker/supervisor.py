@@ -111,9 +111,9 @@ def runner_env(
     (`RUNNER_THREADS_ENV`: its share's cores, all the cores) and runs on every core: it
     steps with all of them when no other stage can have work (one request in flight: the
     stages take turns), with its share when several requests keep the stages busy at once
-    (`TorchEngine.use_cores`). Measured, two torch stages on 2 cores, 1 / 4 streams: 198-206
-    / 277-281 tokens/s this way, 154 / 274 a core each, 93 / 180 both on both cores with
-    sleeping threads (docs/benchmarks.md, sessions 6 and 8). Where there are fewer cores than
+    (`TorchEngine.use_cores`). Measured, two torch stages on 2 cores, 1 / 4 streams: 200-216
+    / 287-296 tokens/s this way, 156-175 / 298-316 a core each (docs/benchmarks.md, session
+    8); both on both cores with sleeping threads, 93 / 180 (session 6). Where there are fewer cores than
     stages they share them, and their OpenMP threads sleep as soon as they are idle:
     spinning, the idle stage's threads would take the cores from the busy one."""
     env = {k: v for k, v in os.environ.items() if k not in (RUNNER_CPUS_ENV, RUNNER_THREADS_ENV)}
