@@ -48,8 +48,7 @@ from exo.worker.pipeline.links import (
     StageSender,
     listen_socket,
 )
-from exo.worker.runner.protocol import RUNNER_THREADS_ENV
-from exo.worker.supervisor import runner_env
+from exo.worker.supervisor import cpu_sharing_env
 from exo.worker.telemetry.profiler import cpu_bandwidth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,8 +56,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.pipeline_chain import Chain
 
 MODEL = "smollm2-135m-instruct"
-# What the worker sets for torch stages that share a node's cores.
-SHARING_ENV = (RUNNER_THREADS_ENV, "GOMP_SPINCOUNT")
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -274,13 +271,11 @@ def main() -> None:
     two_cpus: list[set[int]] | None = halves
     if layout == "shared":
         # Both stages on every core, with the environment the worker gives such stages.
-        env = runner_env("cpu", 0, 2, cores={0: (0, 0)})  # no core each: they share
-        two_env = {k: v for k, v in env.items() if k.startswith(("OMP_", "GOMP_"))}
+        two_env = cpu_sharing_env(0, 2, cores={0: (0, 0)})  # no core each: they share
         two_cpus = None
     elif layout == "split" and engine == "torch":
         # Each stage's environment from the worker (the same for both of two stages).
-        env = runner_env("cpu", 0, 2, engine=engine)
-        two_env = {k: v for k, v in env.items() if k in SHARING_ENV}
+        two_env = cpu_sharing_env(0, 2, engine=engine)
         two_cpus = None
     stages: list[tuple[EngineName, int, int]] = [(engine, 0, 15), (engine, 15, 30)]
     two = Chain(model_dir, stages, logs / "two", env=two_env, cpus=two_cpus)

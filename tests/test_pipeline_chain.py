@@ -22,8 +22,8 @@ from exo.worker.pipeline.frames import (
     encode_array,
     encode_begin,
 )
-from exo.worker.runner.protocol import RUNNER_THREADS_ENV, Cancel, StageLeft
-from exo.worker.supervisor import runner_env
+from exo.worker.runner.protocol import Cancel, StageLeft
+from exo.worker.supervisor import cpu_sharing_env
 from tests.conftest import BUILTIN
 from tests.factories import chat_params
 from tests.pipeline_chain import OWNER, Chain
@@ -138,8 +138,7 @@ def test_torch_stages_sharing_cores_keep_their_tokens(
     """Two torch stages with the environment the worker gives stages sharing a node's cores:
     one stream steps on all of them, several on each stage's share, switching as requests
     come and go; the tokens stay the single stage's."""
-    env = runner_env("cpu", 0, 2, engine="torch")
-    sharing = {k: v for k, v in env.items() if k in (RUNNER_THREADS_ENV, "GOMP_SPINCOUNT")}
+    sharing = cpu_sharing_env(0, 2, engine="torch")
     chain = Chain(model_dir, [("torch", 0, 15), ("torch", 15, 30)], tmp_path, env=sharing)
     try:
         chain.generate("alone", PROMPT, TOKENS)

@@ -99,42 +99,54 @@ def runner_env(
     engine: EngineName | None = None,
 ) -> dict[str, str]:
     """The runner's environment: a "cuda:<i>" shard sees only that GPU, a "cpu" shard none
-    (so a torch stage pinned to the CPU stays there on a machine with GPUs).
+    (so a torch stage pinned to the CPU stays there on a machine with GPUs), and how a CPU
+    stage shares the node's cores (`cpu_sharing_env`; OpenMP settings the user made win).
 
     `compile_cache` (the node's cache folder) keeps torch's compiled decode steps across
     reboots: inductor's default, /tmp/torchinductor_$USER, is wiped with /tmp, and a cold
-    compile of the built-in model takes ~70 s against ~14 s warm. A value the user set wins.
-
-    CPU stages of one instance on one node (`cpu_slots` > 1) divide the node's physical
-    cores (`cores.cpu_share`). An MLX stage runs on its share alone (`RUNNER_CPUS_ENV`,
-    applied by the runner before it starts a thread). A torch stage gets two thread counts
-    (`RUNNER_THREADS_ENV`: its share's cores, all the cores) and runs on every core: it
-    steps with all of them when no other stage can have work (one request in flight: the
-    stages take turns), with its share when several requests keep the stages busy at once
-    (`TorchEngine.use_cores`). Measured, two torch stages on 2 cores, 1 / 4 streams: 200-216
-    / 287-296 tokens/s this way, 156-175 / 298-316 a core each (docs/benchmarks.md, session
-    8); both on both cores with sleeping threads, 93 / 180 (session 6). Where there are fewer cores than
-    stages they share them, and their OpenMP threads sleep as soon as they are idle:
-    spinning, the idle stage's threads would take the cores from the busy one."""
+    compile of the built-in model takes ~70 s against ~14 s warm. A value the user set wins."""
     env = {k: v for k, v in os.environ.items() if k not in (RUNNER_CPUS_ENV, RUNNER_THREADS_ENV)}
     if compile_cache is not None:
         env.setdefault(INDUCTOR_CACHE_ENV, str(compile_cache))
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-        if cpu_slots > 1:
-            cores = cpu_cores() if cores is None else cores
-            share = cpu_share(cores, cpu_slot, cpu_slots)
-            if share is None:
-                env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            elif engine == "torch":
-                own, every = physical_count(cores, share), physical_count(cores, cores)
-                env[RUNNER_THREADS_ENV] = f"{own},{every}"
-                env.setdefault("GOMP_SPINCOUNT", str(SHARED_CORES_SPINS))
-            else:
-                env[RUNNER_CPUS_ENV] = ",".join(str(cpu) for cpu in sorted(share))
+        sharing = cpu_sharing_env(cpu_slot, cpu_slots, cores, engine)
+        env |= {k: v for k, v in sharing.items() if k not in env}
     elif device.startswith("cuda:") and "CUDA_VISIBLE_DEVICES" not in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = device.removeprefix("cuda:")
     return env
+
+
+def cpu_sharing_env(
+    cpu_slot: int,
+    cpu_slots: int,
+    cores: Mapping[int, tuple[int, int]] | None = None,
+    engine: EngineName | None = None,
+) -> dict[str, str]:
+    """What CPU stage `cpu_slot` of the `cpu_slots` that its instance runs on this node is
+    told about the cores it shares (nothing for a lone stage).
+
+    The stages divide the node's physical cores (`cores.cpu_share`). An MLX stage runs on
+    its share alone (`RUNNER_CPUS_ENV`, applied by the runner before it starts a thread). A
+    torch stage gets two thread counts (`RUNNER_THREADS_ENV`: its share's cores, all the
+    cores) and runs on every core: it steps with all of them when no other stage can have
+    work (one request in flight: the stages take turns), with its share when several
+    requests keep the stages busy at once (`TorchEngine.use_cores`). Measured, two torch
+    stages on 2 cores, 1 / 4 streams: 200-216 / 287-296 tokens/s this way, 156-175 /
+    298-316 a core each (docs/benchmarks.md, session 8); both on both cores with sleeping
+    threads, 93 / 180 (session 6). Where there are fewer cores than stages they share them,
+    and their OpenMP threads sleep as soon as they are idle: spinning, the idle stage's
+    threads would take the cores from the busy one."""
+    if cpu_slots < 2:
+        return {}
+    cores = cpu_cores() if cores is None else cores
+    share = cpu_share(cores, cpu_slot, cpu_slots)
+    if share is None:
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    if engine == "torch":
+        own, every = physical_count(cores, share), physical_count(cores, cores)
+        return {RUNNER_THREADS_ENV: f"{own},{every}", "GOMP_SPINCOUNT": str(SHARED_CORES_SPINS)}
+    return {RUNNER_CPUS_ENV: ",".join(str(cpu) for cpu in sorted(share))}
 
 
 class RunnerSupervisor:

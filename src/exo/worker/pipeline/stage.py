@@ -419,14 +419,14 @@ class StageLoop:
         error = bool(frame.flags & FrameFlag.ERROR)
         self._send_next(encode_end(req.task_id, reason, error=error))
 
-    # ---- batched decode (engines with `forward_batch`) --------------------------------
-
     def _claim_cores(self, rows: int) -> None:
         """A step of `rows` requests: when they are all the requests this stage holds, the
         other stages of the ring have nothing to do (one stream: the stages take turns), so
         an engine sharing a node's cores with them may take all of the cores."""
         if self._cores is not None:
             self._cores.use_cores(rows >= len(self._active))
+
+    # ---- batched decode (engines with `forward_batch`) --------------------------------
 
     def _batchable(self, frame: Frame) -> bool:
         if not self._batching or frame.request_id not in self._active:

@@ -15,8 +15,8 @@ The batch size is part of a graph (each request brings its own cache tensors): s
 padded to a bucket (1, 2, 4, 8) with scratch requests, one graph per bucket, all compiled
 at load; larger batches run in chunks of 8. So is torch's thread count (the compiler's
 guards check it: a step at another count would run eagerly): a stage that switches between
-two counts (`TorchEngine.use_cores`) gets each bucket's graph for each. Any failure to compile (no C++ compiler, an inductor
-bug) falls back to eager for good.
+two counts (`TorchEngine.use_cores`) gets each bucket's graph for each. Any failure to
+compile (no C++ compiler, an inductor bug) falls back to eager for good.
 """
 
 import os
