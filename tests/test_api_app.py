@@ -727,6 +727,24 @@ async def test_stream_error_mid_stream() -> None:
     assert not any(isinstance(c, CancelTask) for c in backend.commands)
 
 
+async def test_a_prompt_beyond_the_context_is_400() -> None:
+    message = "The messages come to 9031 tokens, which leaves no room to generate"
+
+    def too_long(task_id: TaskId) -> list[Step]:
+        return [StreamError(task_id=task_id, message=message, code="context_length_exceeded")]
+
+    backend = ScriptedBackend(script=too_long)
+    backend.add_instance(RunnerReady())
+    async with serving(backend) as client:
+        plain = await client.post("/v1/chat/completions", json=chat())
+        streamed = await client.post("/v1/chat/completions", json=chat(stream=True))
+    for response in (plain, streamed):
+        error = assert_openai_error(response, 400, "context_length_exceeded")
+        assert error["message"] == message
+        assert error["type"] == "invalid_request_error"
+        assert error["param"] == "messages"
+
+
 async def test_instance_failure_without_stream_error_is_noticed() -> None:
     """Backstop for a node that never sends the StreamError: the state says the instance failed."""
     backend = ScriptedBackend(

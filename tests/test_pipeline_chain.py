@@ -126,7 +126,11 @@ def test_concurrent_requests_share_the_pipeline(
     tasks = [f"c{i}" for i in range(4)]
     for i, task in enumerate(tasks):
         mlx2.generate(task, PROMPT if i == 0 else f"Count to {i + 3}.", TOKENS if i == 0 else 12)
-    results = mlx2.collect(tasks)
+    # A prompt longer than the model's context fails alone, as the client's fault.
+    mlx2.generate("too-long", "hello " * 9000, 4)
+    results = mlx2.collect([*tasks, "too-long"])
+    too_long = results.pop("too-long")[1]
+    assert isinstance(too_long, StreamError) and too_long.code == "context_length_exceeded"
     assert all(isinstance(end, StreamEnd) for _, end in results.values()), results
     # Its own KV cache per request: the reference prompt's tokens are unchanged.
     assert results["c0"][0] == reference["mlx"]

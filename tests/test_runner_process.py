@@ -135,6 +135,7 @@ def test_load_generate_stream_and_shutdown(runner: RunnerProcess, model_dir: Pat
     _, failed = runner.until_end(TaskId("too-long"))
     assert isinstance(failed, StreamError)
     assert "no room" in failed.message
+    assert failed.code == "context_length_exceeded"  # the client's fault: the API says 400
     chunks, end = runner.until_end(TaskId("b"))
     assert isinstance(end, StreamEnd)
     assert len(chunks) == end.completion_tokens

@@ -401,6 +401,10 @@ async def _relay(
                     )
                 case StreamEnd():
                     return message
+                case StreamError(code="context_length_exceeded", message=reason):
+                    raise _TaskOver(
+                        ApiError(400, reason, code="context_length_exceeded", param="messages")
+                    )
                 case StreamError(message=reason):
                     raise _TaskOver(ApiError(500, reason, code="generation_failed"))
     except _TaskOver as over:

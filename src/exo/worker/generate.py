@@ -8,9 +8,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
+from loguru import logger
+
 from exo.shared.types.chat import ChatMessage, ChatParams, FinishReason
 from exo.shared.types.ids import TaskId
-from exo.shared.types.stream import StreamEnd, TokenChunk
+from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
 from exo.worker.engines.base import ArrayT, Engine, RequestT
 
 PREFILL_CHUNK_TOKENS = 512
@@ -176,6 +178,30 @@ def prepare_prompt(
     return prompt_budget(tokenizer, params, engine.context_length)
 
 
+class PromptTooLong(ValueError):
+    """The chat's prompt fills the model's context: the client's to shorten."""
+
+    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"The messages come to {prompt_tokens} tokens, which leaves no room to generate "
+            f"in this model's context of {context_length} tokens. Shorten the messages."
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
+def failed(task_id: TaskId, exc: Exception, *, log: bool = True) -> StreamError:
+    """The stream's end for a request that could not start or go on because of `exc`; logged
+    unless the caller did (the request's own fault in a line, anything else with its trace)."""
+    if isinstance(exc, PromptTooLong):
+        if log:
+            logger.warning(f"rejected {task_id}: {exc}")
+        return StreamError(task_id=task_id, message=str(exc), code="context_length_exceeded")
+    if log:
+        logger.opt(exception=exc).error(f"generation for {task_id} failed")
+    return StreamError(task_id=task_id, message=f"{type(exc).__name__}: {exc}")
+
+
 def prompt_budget(
     tokenizer: ChatCodec, params: ChatParams, context_length: int
 ) -> tuple[list[int], int]:
@@ -185,9 +211,7 @@ def prompt_budget(
         raise ValueError("the chat template rendered an empty prompt")
     room = context_length - len(prompt)
     if room < 1:
-        raise ValueError(
-            f"prompt of {len(prompt)} tokens leaves no room in a context of {context_length}"
-        )
+        raise PromptTooLong(len(prompt), context_length)
     return prompt, min(params.sampling.max_tokens, room)
 
 

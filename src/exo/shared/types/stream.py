@@ -30,10 +30,16 @@ class StreamEnd(Frozen):
     decode_tokens_per_s: float = Field(ge=0.0)
 
 
+# A generation that failed because of the request itself, not the cluster: the API answers
+# it as the client's mistake (HTTP 400), with this as the OpenAI error code.
+RequestErrorCode = Literal["context_length_exceeded"]
+
+
 class StreamError(Frozen):
     kind: Literal["error"] = "error"
     task_id: TaskId
     message: str
+    code: RequestErrorCode | None = None
 
 
 StreamMessage = Annotated[TokenChunk | StreamEnd | StreamError, Field(discriminator="kind")]

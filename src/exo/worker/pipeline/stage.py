@@ -38,7 +38,7 @@ from exo.shared.types.ids import TaskId
 from exo.shared.types.runners import RunnerFailed, RunnerReady, RunnerRunning, RunnerStatus
 from exo.shared.types.stream import StreamEnd, StreamError
 from exo.worker.engines.base import BatchingEngine, ChatTokenizer, Engine, SharesCores
-from exo.worker.generate import PREFILL_CHUNK_TOKENS, TokenStream, prompt_budget
+from exo.worker.generate import PREFILL_CHUNK_TOKENS, TokenStream, failed, prompt_budget
 from exo.worker.pipeline.frames import (
     BeginRequest,
     Frame,
@@ -530,8 +530,7 @@ class StageLoop:
             context = len(prompt) + max_tokens
             handle = self._engine.new_request(context, task.params.sampling.seed)
         except Exception as exc:
-            logger.exception(f"could not start {task_id}")
-            self._send(StreamError(task_id=task_id, message=f"{type(exc).__name__}: {exc}"))
+            self._send(failed(task_id, exc))
             return True
         begin = BeginRequest(
             task_id=task_id,

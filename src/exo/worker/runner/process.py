@@ -55,7 +55,7 @@ from exo.worker.engines.base import (
     load_engine,
     warm_up,
 )
-from exo.worker.generate import TokenStream, generate, prefill, prepare_prompt
+from exo.worker.generate import TokenStream, failed, generate, prefill, prepare_prompt
 from exo.worker.pipeline.links import StageListener
 from exo.worker.pipeline.stage import StageEvent, StageLoop, new_event_queue
 from exo.worker.runner.protocol import (
@@ -141,10 +141,6 @@ class _Active:
 
 def _shut_down(task_id: TaskId) -> StreamError:
     return StreamError(task_id=task_id, message="runner shut down")
-
-
-def _failed(task_id: TaskId, exc: Exception) -> StreamError:
-    return StreamError(task_id=task_id, message=f"{type(exc).__name__}: {exc}")
 
 
 class Runner:
@@ -306,8 +302,7 @@ class Runner:
                 else:
                     self._out.send(message)
         except Exception as exc:
-            logger.exception(f"generation for {task_id} failed")
-            self._out.send(_failed(task_id, exc))
+            self._out.send(failed(task_id, exc))
         finally:
             self._running.discard(task_id)
             self._cancelled.discard(task_id)
@@ -378,8 +373,7 @@ class Runner:
             else:
                 self._active.append(active)
         except Exception as exc:
-            logger.exception(f"generation for {task_id} failed")
-            self._out.send(_failed(task_id, exc))
+            self._out.send(failed(task_id, exc))
             self._running.discard(task_id)
             self._cancelled.discard(task_id)
             if request is not None:
@@ -397,7 +391,7 @@ class Runner:
         except Exception as exc:
             logger.exception("a batched decode step failed")
             for active in batch:
-                self._out.send(_failed(active.task.task_id, exc))
+                self._out.send(failed(active.task.task_id, exc, log=False))
                 self._retire(engine, active)
             return
         for active, token_id in zip(batch, token_ids, strict=True):
