@@ -131,50 +131,49 @@ def loopback_hop_ms(hidden: int, rounds: int = 2000) -> float:
     return statistics.median(samples) / 2 * 1000
 
 
-def bare_alternation(
+def _pingpong(
+    role: str,
     engine: EngineName,
     model_dir: Path,
-    cpus: list[set[int]] | None,
-    env: dict[str, str],
+    fd: int | None,
     steps: int,
     rounds: int,
-) -> list[float]:
-    """Steps/s of the split's two bare engine stages taking turns (bench/stage_pingpong.py),
-    on the CPUs and with the environment the pipeline's stages get."""
-    ours, theirs = socket.socketpair()
-    procs: list[subprocess.Popen[str]] = []
+    env: dict[str, str],
+    share: set[int] | None,
+) -> "subprocess.Popen[str]":
+    """bench/stage_pingpong.py in a process of its own, on `share` (all CPUs when None)."""
+
+    def pin() -> None:
+        if share is not None:
+            os.sched_setaffinity(0, share)
+
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.stage_pingpong",
+            role,
+            engine,
+            str(model_dir),
+            "-" if fd is None else str(fd),
+            str(steps),
+            str(rounds),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        pass_fds=() if fd is None else (fd,),
+        preexec_fn=pin,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def _rounds(procs: "list[subprocess.Popen[str]]", rounds: int) -> list[float]:
+    """Start the loaded pingpong processes together; the first one's steps/s per round."""
     try:
-        for i, (role, end) in enumerate((("first", ours), ("last", theirs))):
-            share = None if cpus is None else cpus[i]
-
-            def pin(share: set[int] | None = share) -> None:
-                if share is not None:
-                    os.sched_setaffinity(0, share)
-
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "bench.stage_pingpong",
-                        role,
-                        engine,
-                        str(model_dir),
-                        str(end.fileno()),
-                        str(steps),
-                        str(rounds),
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    env={**os.environ, **env},
-                    pass_fds=(end.fileno(),),
-                    preexec_fn=pin,
-                    cwd=Path(__file__).resolve().parents[1],
-                )
-            )
         for proc in procs:
-            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout is not None
             if proc.stdout.readline().strip() != "READY":
                 raise RuntimeError("a bare stage failed to load")
         for proc in procs:
@@ -188,8 +187,45 @@ def bare_alternation(
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+def bare_alternation(
+    engine: EngineName,
+    model_dir: Path,
+    cpus: list[set[int]] | None,
+    env: dict[str, str],
+    steps: int,
+    rounds: int,
+) -> list[float]:
+    """Steps/s of the split's two bare engine stages taking turns (bench/stage_pingpong.py),
+    on the CPUs and with the environment the pipeline's stages get."""
+    ours, theirs = socket.socketpair()
+    try:
+        procs = [
+            _pingpong(
+                role,
+                engine,
+                model_dir,
+                end.fileno(),
+                steps,
+                rounds,
+                env,
+                None if cpus is None else cpus[i],
+            )
+            for i, (role, end) in enumerate((("first", ours), ("last", theirs)))
+        ]
+        return _rounds(procs, rounds)
+    finally:
         ours.close()
         theirs.close()
+
+
+def one_process_alternation(
+    engine: EngineName, model_dir: Path, cpus: set[int] | None, steps: int, rounds: int
+) -> list[float]:
+    """Steps/s of the same two bare stages taking turns on one thread of one process, on
+    the single stage's CPUs: the split without a second process (and its threads)."""
+    return _rounds([_pingpong("both", engine, model_dir, None, steps, rounds, {}, cpus)], rounds)
 
 
 def predicted_tps(engine: EngineName, bandwidth: float, hop_s: float) -> tuple[float, float]:
@@ -285,6 +321,19 @@ def main() -> None:
         bare = bare_alternation(engine, model_dir, two_cpus, two_env, args.tokens, args.rounds)
         result["bare_alternation_steps_per_s"] = bare
         print(f"bare stages taking turns: {statistics.median(bare):.2f} steps/s ({bare})")
+        # The same two stages in one process: what the second process costs.
+        together = one_process_alternation(
+            engine,
+            model_dir,
+            None if single_cpus is None else single_cpus[0],
+            args.tokens,
+            args.rounds,
+        )
+        result["one_process_alternation_steps_per_s"] = together
+        print(
+            f"the same stages taking turns in one process: "
+            f"{statistics.median(together):.2f} steps/s ({together})"
+        )
         rates: dict[str, list[float]] = {"1-stage": [], "2-stage": []}
         for r in range(args.rounds):
             for name, chain in (("1-stage", single), ("2-stage", two)):
@@ -296,7 +345,10 @@ def main() -> None:
         two_tps = statistics.median(rates["2-stage"])
         per_hop_ms = (1 / two_tps - 1 / one_tps) / 2 * 1000
         bare_tps = statistics.median(bare)
+        together_tps = statistics.median(together)
         result |= {
+            "one_process_alternation_over_1_stage": together_tps / one_tps,
+            "bare_alternation_over_one_process": bare_tps / together_tps,
             "pipeline_over_bare_alternation": two_tps / bare_tps,
             "hand_off_ms_per_hop_over_bare": (1 / two_tps - 1 / bare_tps) / 2 * 1000,
             "decode_tps_1_stage": rates["1-stage"],
@@ -313,6 +365,10 @@ def main() -> None:
             f"{two_tps / bare_tps:.3f} (so the hand-off, stage loop and runner cost "
             f"{result['hand_off_ms_per_hop_over_bare']:.3f} ms per hop; the rest of the "
             f"1 -> 2 stage loss is the split itself on this machine: {bare_tps / one_tps:.3f})"
+        )
+        print(
+            f"of that split: the two stages in one process against one stage "
+            f"{together_tps / one_tps:.3f}, two processes against one {bare_tps / together_tps:.3f}"
         )
         bandwidth, _detail = cpu_bandwidth()
         p1, p2 = predicted_tps(engine, bandwidth, hop_ms / 1000)

@@ -8,10 +8,14 @@ stage loop and no runner around them. Their rate against the pipeline's tells th
 apart from what splitting the model on one machine costs by itself (two processes taking
 turns on its caches and memory, a fixed cost per step paid twice).
 
-    python -m bench.stage_pingpong first|last ENGINE MODEL_DIR FD STEPS ROUNDS
+`both` loads the two stages into one process and steps them in turn on one thread (FD is
+ignored): the split with no second process, so no second set of threads to wake, against
+the two processes taking turns.
 
-Prints `READY` once loaded and starts at a line on stdin; the first stage then prints one JSON line per round:
-{"steps_per_s": ...} (a step of each stage = one token).
+    python -m bench.stage_pingpong first|last|both ENGINE MODEL_DIR FD STEPS ROUNDS
+
+Prints `READY` once loaded and starts at a line on stdin; the first stage (or `both`) then
+prints one JSON line per round: {"steps_per_s": ...} (a step of each stage = one token).
 """
 
 import json
@@ -35,6 +39,8 @@ from exo.worker.engines.base import (
 )
 
 GREEDY = SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0)
+# The 2-stage split of the built-in model's 30 layers.
+FIRST, LAST = ShardSpec(0, 15, 30), ShardSpec(15, 30, 30)
 
 
 def step(engine: Engine[Any, Any], request: object, i: int) -> None:
@@ -53,12 +59,37 @@ def step(engine: Engine[Any, Any], request: object, i: int) -> None:
         engine.to_numpy(out)
 
 
-def main() -> None:
-    role, engine_name, model_dir, fd, steps, rounds = sys.argv[1:7]
-    shard = ShardSpec(0, 15, 30) if role == "first" else ShardSpec(15, 30, 30)
-    name: EngineName = "torch" if engine_name == "torch" else "mlx"
+def loaded(name: EngineName, model_dir: str, shard: ShardSpec) -> Engine[Any, Any]:
     engine = load_engine(name, Path(model_dir), shard, lambda _: None)
     warm_up(engine)
+    return engine
+
+
+def one_process(engines: tuple[Engine[Any, Any], Engine[Any, Any]], steps: int) -> float:
+    """Steps/s of both stages of the split taking turns on this thread."""
+    requests = [engine.new_request(steps + 48, seed=0) for engine in engines]
+    started = time.perf_counter()
+    for i in range(steps):
+        for engine, request in zip(engines, requests, strict=True):
+            step(engine, request, i)
+    rate = steps / (time.perf_counter() - started)
+    for engine, request in zip(engines, requests, strict=True):
+        if isinstance(engine, BatchingEngine):
+            engine.release(request)
+    return rate
+
+
+def main() -> None:
+    role, engine_name, model_dir, fd, steps, rounds = sys.argv[1:7]
+    name: EngineName = "torch" if engine_name == "torch" else "mlx"
+    if role == "both":
+        engines = (loaded(name, model_dir, FIRST), loaded(name, model_dir, LAST))
+        print("READY", flush=True)
+        sys.stdin.readline()
+        for _ in range(int(rounds)):
+            print(json.dumps({"steps_per_s": one_process(engines, int(steps))}), flush=True)
+        return
+    engine = loaded(name, model_dir, FIRST if role == "first" else LAST)
     link = socket.socket(fileno=int(fd))
     print("READY", flush=True)
     sys.stdin.readline()  # both loaded: go
