@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from exo.models import convert
 from exo.models.cards import BUILTIN_MODEL_ID, KNOWN_CARDS, UnknownModelError
-from exo.models.convert import MARKER_NAME, WEIGHTS_NAME, ConversionRecord
+from exo.models.convert import MARKER_NAME, WEIGHTS_NAME, ConversionRecord, NotEnoughDiskSpace
 from exo.models.store import ModelStore
 
 
@@ -86,6 +87,22 @@ def test_interrupted_conversions_are_redone(tmp_path: Path) -> None:
     store.ensure(BUILTIN_MODEL_ID, log)
     assert log.calls, "a directory without its marker must be converted again"
     assert store.is_ready(BUILTIN_MODEL_ID)
+
+
+def test_a_disk_without_room_is_told_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ModelStore(tmp_path / "models")
+    real = convert.shutil.disk_usage(tmp_path)
+
+    def thirty_megabytes_free(_path: object) -> object:
+        return real._replace(free=30_000_000)
+
+    monkeypatch.setattr(convert.shutil, "disk_usage", thirty_megabytes_free)
+    with pytest.raises(NotEnoughDiskSpace, match=r"needs 1\d\d MB, 30 MB free"):
+        store.ensure(BUILTIN_MODEL_ID)
+    assert not store.is_ready(BUILTIN_MODEL_ID)
+    assert [p.name for p in store.root.iterdir()] == [f".{BUILTIN_MODEL_ID}.lock"]
 
 
 def test_a_conversion_in_an_older_format_is_redone(tmp_path: Path) -> None:

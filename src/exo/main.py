@@ -231,6 +231,13 @@ def main(argv: list[str] | None = None) -> None:
         if mistake is not None:  # one clear line, no traceback
             logger.error(str(mistake))
             sys.exit(2)
+        storage = _storage_failure(exc)
+        if storage is not None:
+            logger.error(
+                f"exo stopped: {storage}. Make room (or mend the disk) under "
+                f"{config.data_dir} and start it again."
+            )
+            sys.exit(1)
         logger.exception(f"exo stopped on an error: {exc}")
         sys.exit(1)
 
@@ -242,12 +249,25 @@ def _operator_mistake(exc: BaseException) -> Exception | None:
     from exo.shared.eventlog import EventLogBusy
     from exo.shared.listen import ListenError
 
-    if isinstance(exc, IdentityError | EventLogBusy | ListenError):
+    return _find(exc, (IdentityError, EventLogBusy, ListenError))
+
+
+def _storage_failure(exc: BaseException) -> Exception | None:
+    """The node's replicated log could not be written (disk full, I/O error): the node
+    stops rather than diverge, and says so in a line."""
+    from exo.cluster.service import StorageFailed
+
+    return _find(exc, (StorageFailed,))
+
+
+def _find(exc: BaseException, kinds: tuple[type[Exception], ...]) -> Exception | None:
+    """`exc` if it is one of `kinds`, or the first such inside its exception groups."""
+    if isinstance(exc, kinds):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         group = cast(BaseExceptionGroup[BaseException], exc)
         for inner in group.exceptions:
-            found = _operator_mistake(inner)
+            found = _find(inner, kinds)
             if found is not None:
                 return found
     return None

@@ -192,7 +192,8 @@ class Node:
                 )
                 self._cluster.probe_port = await tg.start(prober.serve)
                 # Every subscriber is in place before anything is published.
-                await tg.start(self._cluster.run)
+                failures: list[Exception] = []
+                await tg.start(self._run_cluster, shutdown, failures)
                 await tg.start(self._streams.run)
                 await self._announce()
                 tg.start_soon(self._worker().run)
@@ -210,6 +211,9 @@ class Node:
                 tg.start_soon(self._preload)
                 # Hypercorn must end through its shutdown trigger, not by cancellation.
                 await self._serve_api(shutdown, api_socket)
+                if failures:
+                    tg.cancel_scope.cancel()
+                    raise failures[0]
                 logger.info("shutting down")
                 await self._leave_cluster()
                 tg.cancel_scope.cancel()
@@ -306,12 +310,43 @@ class Node:
         logger.info(f"API listening on http://{host}:{port}")
         await serve_http(app, sock, shutdown.wait)
 
+    async def _run_cluster(
+        self,
+        shutdown: anyio.Event,
+        failures: list[Exception],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The cluster service. Once it has started, its failure (its log cannot be written)
+        stops the node in order: the API ends through its shutdown trigger (Hypercorn must
+        not be cancelled), then `run` raises the failure."""
+        status = _StatusRelay(task_status)
+        try:
+            await self._cluster.run(task_status=status)
+        except Exception as exc:
+            if not status.done:
+                raise
+            failures.append(exc)
+            shutdown.set()
+
     async def _stop_on_signal(self, shutdown: anyio.Event) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 logger.info(f"received {signal.Signals(signum).name}")
                 shutdown.set()
                 return
+
+
+class _StatusRelay:
+    """Passes a task's start on to `status` (anyio's `TaskStatus`) and remembers it."""
+
+    def __init__(self, status: anyio.abc.TaskStatus[None]) -> None:
+        self._status = status
+        self.done = False
+
+    def started(self, value: None = None) -> None:
+        self.done = True
+        self._status.started(value)
 
 
 def _consensus_config(config: NodeConfig) -> ConsensusConfig:

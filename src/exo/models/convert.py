@@ -29,6 +29,12 @@ CONVERSION_FORMAT = 1
 MARKER_NAME = "exo_conversion.json"
 WEIGHTS_NAME = "model.safetensors"
 _PROGRESS_STEPS = 100
+# Room beyond the weights for the tokenizer, the configs and the filesystem's own blocks.
+_SPACE_SLACK_BYTES = 16 * 1024 * 1024
+
+
+class NotEnoughDiskSpace(OSError):
+    """The model store's disk cannot hold the converted model: checked before writing."""
 
 
 class ConversionRecord(Frozen):
@@ -63,6 +69,12 @@ def convert_gguf(
     progress = _Throttled(on_progress, total)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    needed, free = total + _SPACE_SLACK_BYTES, shutil.disk_usage(out_dir.parent).free
+    if free < needed:
+        raise NotEnoughDiskSpace(
+            f"not enough disk space to prepare {out_dir.name} in {out_dir.parent}: it needs "
+            f"{_megabytes(needed)}, {_megabytes(free)} free"
+        )
     staging = out_dir.parent / f"{staging_prefix(out_dir)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
@@ -83,6 +95,10 @@ def convert_gguf(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     progress.finish()
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB"
 
 
 def _model_config(gguf: GgufFile, hparams: LlamaHyperparameters) -> dict[str, object]:

@@ -8,6 +8,7 @@ import anyio
 from anyio.abc import TaskGroup
 from loguru import logger
 
+from exo.models.convert import NotEnoughDiskSpace
 from exo.models.progress import ConsoleProgress
 from exo.routing.router import Router
 from exo.shared.types.events import (
@@ -143,7 +144,9 @@ class Worker:
         try:
             model_dir = await self._prepare_model(action.model_id)
         except Exception as exc:
-            logger.exception(f"could not prepare {action.model_id}")
+            # Out of disk space is told in a line; anything else comes with its trace.
+            trace = not isinstance(exc, NotEnoughDiskSpace)
+            logger.opt(exception=trace).error(f"could not prepare {action.model_id}: {exc}")
             await self._emitter.emit(
                 RunnerStatusChanged(
                     runner_id=runner_id,
