@@ -186,8 +186,6 @@ class PromptTooLong(ValueError):
             f"The messages come to {prompt_tokens} tokens, which leaves no room to generate "
             f"in this model's context of {context_length} tokens. Shorten the messages."
         )
-        self.prompt_tokens = prompt_tokens
-        self.context_length = context_length
 
 
 def failed(task_id: TaskId, exc: Exception, *, log: bool = True) -> StreamError:
