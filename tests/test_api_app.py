@@ -1032,3 +1032,21 @@ async def test_dashboard_is_served_when_built(tmp_path: Path) -> None:
     assert index.text == "<html>dash</html>"
     assert asset.text == "console.log(1)"
     assert models.status_code == 200
+
+
+async def test_wrong_method_on_an_api_path_is_405(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<html>dash</html>")
+    for dashboard_dir in (tmp_path, None):
+        async with serving(ScriptedBackend(), dashboard_dir=dashboard_dir) as client:
+            chat = await client.get("/v1/chat/completions")
+            instance = await client.put("/instances/abc")
+            state = await client.post("/state", json={})
+            missing = await client.get("/v1/nothing")
+        body = assert_openai_error(chat, 405, "method_not_allowed")
+        assert body["message"] == "GET is not allowed on /v1/chat/completions; use POST."
+        assert chat.headers["allow"] == "POST"
+        assert_openai_error(instance, 405, "method_not_allowed")
+        assert instance.headers["allow"] == "DELETE, GET"
+        assert_openai_error(state, 405, "method_not_allowed")
+        assert state.headers["allow"] == "GET"
+        assert_openai_error(missing, 404, "not_found")

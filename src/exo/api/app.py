@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match, Route
 
 from exo.api.backend import ApiBackend
 from exo.api.dashboard import mount_dashboard
@@ -138,7 +139,20 @@ def create_app(
         return error_from_validation(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> Response:  # pyright: ignore[reportUnusedFunction]
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:  # pyright: ignore[reportUnusedFunction]
+        if exc.status_code in (404, 405) and (allowed := _methods_of_path(app, request)):
+            # The dashboard's files are mounted at "/" and answer every path no route
+            # takes, so a known API path asked with the wrong method lands there, as a 404
+            # (GET) or with the files' own methods (any other).
+            methods = ", ".join(allowed)
+            error = ApiError(
+                405,
+                f"{request.method} is not allowed on {request.url.path}; use {methods}.",
+                code="method_not_allowed",
+            )
+            response = error.response()
+            response.headers["Allow"] = methods
+            return response
         code = "not_found" if exc.status_code == 404 else None
         return ApiError(exc.status_code, str(exc.detail), code=code).response()
 
@@ -399,3 +413,12 @@ async def _stream_chat(
     if chunks.include_usage:
         await channel.write(chunks.sse(chunks.usage(end)))
     await channel.write(SSE_DONE)
+
+
+def _methods_of_path(app: FastAPI, request: Request) -> list[str]:
+    """The methods the API's routes take on this request's path (none: not an API path)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.matches(request.scope)[0] is Match.PARTIAL:
+            methods |= route.methods or set()
+    return sorted(methods)
