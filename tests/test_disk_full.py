@@ -31,6 +31,10 @@ def _capped() -> None:
 def test_a_full_disk_stops_the_node_plainly_and_loses_nothing_committed(tmp_path: Path) -> None:
     node = Daemon(tmp_path / "home")
     node.home.mkdir(parents=True)
+    # A log file all but at the cap: its writes fail from the first records on.
+    log_file = node.home / "cache" / "logs" / "exo.jsonl"
+    log_file.parent.mkdir(parents=True)
+    log_file.write_bytes(b"\n" * (CAP_BYTES - 256))
     # Output through a pipe: a file of ours would be capped too.
     process = subprocess.Popen(
         node.argv,
@@ -68,6 +72,9 @@ def test_a_full_disk_stops_the_node_plainly_and_loses_nothing_committed(tmp_path
     assert "exo stopped: the replicated log could not be written" in output, output[-4000:]
     assert "Make room (or mend the disk)" in output
     assert "unhandled errors in a TaskGroup" not in output
+    # The log file's failing writes are said once, not an error block per record.
+    assert "Logging error" not in output
+    assert output.count(f"the log file {log_file} cannot be written (") == 1, output[-4000:]
     assert committed > 0
 
     # The same home, room again: the node starts, with every event it had committed.
