@@ -22,7 +22,7 @@ from exo.worker.pipeline.frames import (
     encode_array,
     encode_begin,
 )
-from exo.worker.runner.protocol import Cancel, StageLeft
+from exo.worker.runner.protocol import Cancel, StageJoined, StageLeft
 from exo.worker.supervisor import cpu_sharing_env
 from tests.conftest import BUILTIN
 from tests.factories import chat_params
@@ -199,6 +199,29 @@ def test_malformed_frames_fail_only_their_request(
     assert "hidden size" in results["bad"][1].message
     tokens, end = results["bystander"]
     assert isinstance(end, StreamEnd) and tokens == reference["mlx"]
+
+
+def test_time_to_first_token_counts_from_the_first_stage(mlx2: Chain) -> None:
+    # Nodes share no clock: BEGIN carries the request's time so far (the first stage's
+    # queue and tokenization), and the last stage counts from its arrival minus that.
+    sent = time.monotonic()
+    mlx2.generate("timed", PROMPT, 4)
+    joined: StageJoined | None = None
+    client_ttft_ms: float | None = None
+    end: StreamEnd | StreamError | None = None
+    while end is None:
+        message = mlx2.last.recv()
+        assert message is not None, mlx2.log_text()
+        if isinstance(message, StageJoined):
+            joined = message
+        elif isinstance(message, TokenChunk) and client_ttft_ms is None:
+            client_ttft_ms = (time.monotonic() - sent) * 1000
+        elif isinstance(message, StreamEnd | StreamError):
+            end = message
+    assert isinstance(end, StreamEnd), end
+    assert joined is not None and client_ttft_ms is not None
+    assert joined.elapsed_ms > 0.0  # the prompt was tokenized before BEGIN left
+    assert joined.elapsed_ms <= end.time_to_first_token_ms <= client_ttft_ms
 
 
 def test_cancel_releases_the_request_on_every_stage(mlx2: Chain) -> None:

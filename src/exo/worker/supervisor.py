@@ -314,9 +314,11 @@ class RunnerSupervisor:
 
     async def _handle(self, message: FromRunnerMessage) -> None:
         match message:
-            case StageJoined(task_id=task_id, owner=owner):
+            case StageJoined(task_id=task_id, owner=owner, elapsed_ms=elapsed_ms):
                 if task_id not in self._in_flight:
-                    self._in_flight[task_id] = _InFlight(task_id, owner, dispatched=False)
+                    flight = _InFlight(task_id, owner, dispatched=False)
+                    flight.dispatched_at -= elapsed_ms / 1000  # its time at earlier stages
+                    self._in_flight[task_id] = flight
                     self._on_change()
             case StageLeft(task_id=task_id):
                 if self._in_flight.pop(task_id, None) is not None:

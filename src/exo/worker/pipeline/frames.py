@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import Field
 
 from exo.shared.types.base import Frozen
 from exo.shared.types.chat import ChatParams
@@ -102,6 +103,10 @@ class BeginRequest(Frozen):
     max_tokens: int
     # KV cache room every stage allocates: prompt + completion.
     context_tokens: int
+    # How long the request has been in the pipeline when this BEGIN leaves its stage (the
+    # first stage's queue and tokenization, each stage's turn-around): nodes share no clock,
+    # so the last stage counts its time to first token from its arrival minus this.
+    elapsed_ms: float = Field(default=0.0, ge=0.0)
 
 
 def encode(

@@ -134,6 +134,8 @@ class StageLoop:
         self._last = engine.shard.is_last
         self._next: StageSender | None = None
         self._pending: deque[Generate] = deque()
+        # When each pending request reached this (first) stage: its BEGIN carries the wait.
+        self._queued_at: dict[TaskId, float] = {}
         self._active: dict[str, _Request] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
@@ -237,6 +239,7 @@ class StageLoop:
         for task in self._pending:
             self._send(StreamError(task_id=task.task_id, message="runner shut down"))
         self._pending.clear()
+        self._queued_at.clear()
         return 0
 
     def _fail_link(self, reason: str) -> int:
@@ -247,6 +250,7 @@ class StageLoop:
         for task in self._pending:
             self._send(StreamError(task_id=task.task_id, message=f"pipeline failed: {reason}"))
         self._pending.clear()
+        self._queued_at.clear()
         # A neighbour that was told to stop closes its links a moment before this runner
         # hears the same: that is a shutdown, not a failure of the instance.
         deadline = time.monotonic() + _SHUTDOWN_GRACE_S
@@ -273,6 +277,7 @@ class StageLoop:
             case Generate():
                 if self._first:
                     self._pending.append(event)
+                    self._queued_at[event.task_id] = time.perf_counter()
                 else:
                     message = "Generate sent to a pipeline stage other than the first"
                     self._send(StreamError(task_id=event.task_id, message=message))
@@ -290,6 +295,7 @@ class StageLoop:
         queued = [t for t in self._pending if t.task_id == task_id]
         for task in queued:
             self._pending.remove(task)
+            self._queued_at.pop(task_id, None)
             self._send(_cancelled_end(task_id))
         req = self._active.get(task_id)
         if req is not None:
@@ -336,6 +342,7 @@ class StageLoop:
         raise FrameRejected(f"{frame.kind.name} for unknown request {frame.request_id}")
 
     def _on_begin(self, frame: Frame) -> None:
+        arrived = time.perf_counter()
         if self._first:
             raise FrameRejected("BEGIN received by the first stage")
         begin = check_begin(frame)
@@ -353,12 +360,15 @@ class StageLoop:
                 begin.prompt_tokens,
                 begin.max_tokens,
                 sampling.stop,
-                time.perf_counter(),
+                arrived - begin.elapsed_ms / 1000,
             )
         self._active[begin.task_id] = req
-        self._send(StageJoined(task_id=begin.task_id, owner=begin.owner))
+        self._send(
+            StageJoined(task_id=begin.task_id, owner=begin.owner, elapsed_ms=begin.elapsed_ms)
+        )
         if not self._last:
-            self._send_next(encode_begin(begin))
+            elapsed_ms = begin.elapsed_ms + (time.perf_counter() - arrived) * 1000
+            self._send_next(encode_begin(begin.model_copy(update={"elapsed_ms": elapsed_ms})))
 
     def _on_activation(self, frame: Frame) -> None:
         if self._first:
@@ -520,6 +530,7 @@ class StageLoop:
             return False
         task = self._pending.popleft()
         task_id = task.task_id
+        queued_at = self._queued_at.pop(task_id, time.perf_counter())
         self._send(GenerationStarted(task_id=task_id))
         try:
             if task.owner is None:
@@ -539,6 +550,7 @@ class StageLoop:
             prompt_tokens=len(prompt),
             max_tokens=max_tokens,
             context_tokens=context,
+            elapsed_ms=(time.perf_counter() - queued_at) * 1000,
         )
         # As in single-stage prefill: body chunks fill the caches, the last token samples.
         body = prompt[:-1]

@@ -84,6 +84,8 @@ class StageJoined(Frozen):
     kind: Literal["stage_joined"] = "stage_joined"
     task_id: TaskId
     owner: NodeId
+    # The request's time in the pipeline before its BEGIN reached this stage.
+    elapsed_ms: float = Field(default=0.0, ge=0.0)
 
 
 class StageLeft(Frozen):
