@@ -356,8 +356,51 @@ def test_malformed_json_is_400_and_bad_fields_422() -> None:
     with pytest.raises(ValidationError) as bad_field:
         request(messages=[{"role": "user", "content": 5}])
     err = error_from_validation_error(bad_field.value)
-    assert err.status == 422
-    assert err.param is not None and err.param.startswith("messages[0].content")
+    assert (err.status, err.param) == (422, "messages[0].content")
+    assert err.message == "messages[0].content: Input should be a valid string or a valid array"
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "param", "message"),
+    [
+        # The branch the value was meant for speaks; no branch names in the path.
+        (
+            {"stop": ["a", "b", "c", "d", "e"]},
+            "too_long",
+            "stop",
+            "stop: List should have at most 4 items after validation, not 5",
+        ),
+        ({"stop": ["a", 5]}, "string_type", "stop[1]", "stop[1]: Input should be a valid string"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            "string_type",
+            "messages[0].content[0].text",
+            "messages[0].content[0].text: Input should be a valid string",
+        ),
+        # A value of no branch's type: the types it could have been.
+        (
+            {"stop": 5},
+            "string_type",
+            "stop",
+            "stop: Input should be a valid string or a valid array",
+        ),
+        # Other fields' errors keep their place (the model's field order) beside the union's.
+        (
+            {"temperature": -1, "top_p": 2, "stop": 5},
+            "greater_than_equal",
+            "temperature",
+            "temperature: Input should be greater than or equal to 0; top_p: Input should be "
+            "less than or equal to 1; stop: Input should be a valid string or a valid array",
+        ),
+    ],
+)
+def test_union_errors_name_the_field_and_the_meant_branch(
+    fields: dict[str, Any], code: str, param: str, message: str
+) -> None:
+    with pytest.raises(ValidationError) as bad:
+        request(**fields)
+    err = error_from_validation_error(bad.value)
+    assert (err.status, err.code, err.param, err.message) == (422, code, param, message)
 
 
 def test_fastapi_style_errors_convert() -> None:

@@ -1,5 +1,6 @@
 """Every error the API returns, in OpenAI's shape: `{"error": {message, type, param, code}}`."""
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import cast
 
@@ -116,6 +117,7 @@ def error_from_validation(errors: Sequence[object]) -> ApiError:
         return ApiError(400, f"The request body is not valid JSON{detail}", code="invalid_json")
     if not issues:
         return ApiError(422, "The request is invalid.", code="invalid_value")
+    issues = _merge_union_branches(issues)
     parts = [f"{_param(i.loc) or 'body'}: {i.msg}" for i in issues[:5]]
     more = f" (and {len(issues) - 5} more)" if len(issues) > 5 else ""
     first = issues[0]
@@ -124,6 +126,50 @@ def error_from_validation(errors: Sequence[object]) -> ApiError:
 
 def error_from_validation_error(error: ValidationError) -> ApiError:
     return error_from_validation(error.errors(include_url=False))
+
+
+# Field names in the API are snake_case; pydantic names the branches of a union in `loc`
+# with what is not: "str", "constrained-str", "list[ContentPart]", "TextPart".
+_FIELD_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_BRANCH_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "bytes"})
+
+
+def _is_branch(part: str | int) -> bool:
+    return isinstance(part, str) and (part in _BRANCH_NAMES or _FIELD_NAME.fullmatch(part) is None)
+
+
+def _merge_union_branches(issues: list[_Issue]) -> list[_Issue]:
+    """One issue per field of a union that failed every branch: the field's own path (no
+    branch names), and what the branch the value was meant for says ("List should have at
+    most 4 items" for a list of 5 stop strings, not "Input should be a valid string"); when
+    the value fits no branch's type, the types it could have been."""
+    unions: dict[tuple[str | int, ...], list[_Issue]] = {}
+    order: list[_Issue | tuple[str | int, ...]] = []  # a union's issues where its first was
+    for issue in issues:
+        branch = next((n for n, p in enumerate(issue.loc) if _is_branch(p)), None)
+        if branch is None:
+            order.append(issue)
+            continue
+        at = issue.loc[:branch]
+        if at not in unions:
+            order.append(at)
+        loc = tuple(p for p in issue.loc if not _is_branch(p))
+        unions.setdefault(at, []).append(issue.model_copy(update={"loc": loc}))
+    merged: list[_Issue] = []
+    for item in order:
+        if isinstance(item, _Issue):
+            merged.append(item)
+            continue
+        group = unions[item]
+        # A branch whose type the value had failed deeper, or on a constraint: that one.
+        meant = [i for i in group if i.loc != item or not i.type.endswith("_type")]
+        if meant:
+            merged.extend(meant)
+            continue
+        kinds = [i.msg.removeprefix("Input should be ") for i in group]
+        message = "Input should be " + " or ".join(dict.fromkeys(kinds))
+        merged.append(group[0].model_copy(update={"msg": message}))
+    return merged
 
 
 def _param(loc: tuple[str | int, ...]) -> str | None:
