@@ -239,7 +239,11 @@ def test_sigterm_stops_runners_and_exits_cleanly(
 
 
 def test_placement_preview_covers_every_layer(daemon: Daemon) -> None:
-    body = daemon.get(f"/placement/preview?model={BUILTIN}")
+    # The node's device inventory comes with its first telemetry, a moment after start-up.
+    deadline = time.monotonic() + 60
+    while "stages" not in (body := daemon.get(f"/placement/preview?model={BUILTIN}"))["latency"]:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.5)
     for objective in ("latency", "throughput"):
         stages = body[objective]["stages"]
         assert stages[0]["start_layer"] == 0
@@ -248,3 +252,14 @@ def test_placement_preview_covers_every_layer(daemon: Daemon) -> None:
     assert body["baseline"] is not None
     missing = httpx.get(f"{daemon.url}/placement/preview?model=nope", timeout=30)
     assert missing.status_code == 404
+    # A context beyond the model's own is the request's fault, for a preview or a placement.
+    wide = httpx.get(f"{daemon.url}/placement/preview?model={BUILTIN}&context=9000", timeout=30)
+    assert wide.status_code == 400
+    assert wide.json()["error"]["param"] == "context"
+    placed = httpx.post(
+        f"{daemon.url}/instances", json={"model": BUILTIN, "context_length": 9000}, timeout=30
+    )
+    assert placed.status_code == 400
+    assert placed.json()["error"]["message"] == (
+        f"context_length 9000 is above the 8192-token context of {BUILTIN}"
+    )

@@ -100,6 +100,13 @@ def test_rejections_are_typed() -> None:
     assert isinstance(out, Rejection) and out.code == "no_instance"
     out = run(state, DeleteInstance(instance_id=InstanceId("missing")))
     assert isinstance(out, Rejection) and out.code == "not_found"
+    # A KV context beyond what the model was trained for is a bad request, not a lack of room.
+    assert run(state, PlaceInstance(model_id=MODEL, context_length=8193)) == Rejection(
+        code="invalid",
+        message=f"context_length 8193 is above the 8192-token context of {MODEL}",
+    )
+    out = run(state, PlaceInstance(model_id=MODEL, context_length=8192))
+    assert isinstance(out, Decision) and out.created_id == "inst-new"
 
 
 def test_tasks_go_to_a_healthy_instance_and_cancel_is_idempotent() -> None:

@@ -240,6 +240,14 @@ def create_app(
         card = backend.model_card(ModelId(model))
         if card is None:
             raise model_not_found(model)
+        if context is not None and context > card.context_length:
+            raise ApiError(
+                400,
+                f"context {context} is above the {card.context_length}-token context of "
+                f"{card.model_id}.",
+                code="invalid_value",
+                param="context",
+            )
         result = await anyio.to_thread.run_sync(preview_for_state, card, backend.state(), context)
         return Response(result.model_dump_json(), media_type="application/json")
 

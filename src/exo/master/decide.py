@@ -58,6 +58,12 @@ def decide(
             card = card_for(command.model_id)
             if card is None:
                 return Rejection(code="unknown_model", message=f"unknown model {command.model_id}")
+            if command.context_length is not None and command.context_length > card.context_length:
+                return Rejection(
+                    code="invalid",
+                    message=f"context_length {command.context_length} is above the "
+                    f"{card.context_length}-token context of {card.model_id}",
+                )
             return _place(state, command, card, ctx)
         case DeleteInstance(instance_id=instance_id):
             if instance_id not in state.instances:
