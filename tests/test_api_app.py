@@ -7,7 +7,7 @@ engines) is tested with the openai client against running nodes elsewhere.
 """
 
 import json
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -999,6 +999,27 @@ async def test_place_instance_errors() -> None:
 
 
 # --- the rest -------------------------------------------------------------------------------
+
+
+async def test_a_body_past_the_limit_is_413_before_it_is_read() -> None:
+    settings = FAST.model_copy(update={"max_request_bytes": 2048})
+    backend = ScriptedBackend()
+    big = chat(messages=[{"role": "user", "content": "a" * 4096}])
+
+    async def chunked() -> AsyncIterator[bytes]:  # no content-length: counted as it comes
+        for _ in range(8):
+            yield b" " * 1024
+
+    async with serving(backend, settings) as client:
+        declared = await client.post("/v1/chat/completions", json=big)
+        streamed = await client.post("/v1/chat/completions", content=chunked())
+        placed = await client.post("/instances", json={"model": MODEL, "node_id": "x" * 4096})
+        fits = await client.post("/v1/chat/completions", json=chat())
+    for response in (declared, streamed, placed):
+        body = assert_openai_error(response, 413, "request_too_large")
+        assert body["message"] == "The request body is larger than this API accepts (2048 bytes)."
+    assert fits.status_code == 200
+    assert not [c for c in backend.commands if isinstance(c, PlaceInstance) and c.node_id]
 
 
 async def test_healthz_and_unknown_route() -> None:

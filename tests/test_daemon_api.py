@@ -166,6 +166,12 @@ def test_bad_inputs_get_openai_shaped_errors(daemon: Daemon) -> None:
     )
     assert raw.status_code == 400
     assert "message" in raw.json()["error"]
+    # A prompt of 20 MB (it once reached the log and stopped the node): refused up front.
+    with pytest.raises(openai.APIStatusError) as too_large:
+        c.chat.completions.create(
+            model=BUILTIN, messages=[{"role": "user", "content": "a " * 10_000_000}]
+        )
+    assert too_large.value.status_code == 413
     # The daemon is unharmed.
     assert (
         client(daemon)

@@ -112,8 +112,28 @@ def _with_body_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
     app.openapi = openapi
 
 
-async def _parse_body(request: Request, model: type[M]) -> M:
-    body = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 once it is past `limit` bytes (before reading it all)."""
+    too_large = ApiError(
+        413,
+        f"The request body is larger than this API accepts ({limit} bytes).",
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse_body(request: Request, model: type[M], limit: int) -> M:
+    body = await _read_body(request, limit)
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
@@ -165,7 +185,7 @@ def create_app(
         tags=["openai"],
     )
     async def chat_completions(request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
-        chat = await _parse_body(request, ChatCompletionRequest)
+        chat = await _parse_body(request, ChatCompletionRequest, settings.max_request_bytes)
         card = backend.model_card(ModelId(chat.model))
         if card is None:
             raise model_not_found(chat.model)
@@ -305,7 +325,7 @@ def create_app(
         tags=["cluster"],
     )
     async def place_instance(request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
-        body = await _parse_body(request, PlaceInstanceRequest)
+        body = await _parse_body(request, PlaceInstanceRequest, settings.max_request_bytes)
         model_id = ModelId(body.model)
         if backend.model_card(model_id) is None:
             raise model_not_found(body.model)

@@ -22,6 +22,10 @@ class ApiSettings(Frozen):
     # SSE comments on an idle /events stream.
     events_keepalive_s: float = Field(default=15.0, gt=0)
     default_max_tokens: int = Field(default=1024, ge=1)
+    # A request body past this is refused (413) before it is read whole: a task's messages
+    # travel in the replicated log and in one runner frame (MAX_FRAME_BYTES, 16 MiB). Four
+    # MiB of text is about a million tokens, past any model's context.
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
     @classmethod
     def from_node_config(cls, config: NodeConfig) -> "ApiSettings":

@@ -387,6 +387,13 @@ class RunnerSupervisor:
             await self._send(Generate(task_id=task.task_id, params=task.params, owner=task.owner))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             return  # the exit path reports it with the runner's reason
+        except FrameError as exc:  # this task alone: the runner never saw it
+            logger.error(f"task {task.task_id} cannot go to runner {self.runner_id}: {exc}")
+            self._in_flight.pop(task.task_id, None)
+            message = f"the request is too large for the runner: {exc}"
+            await self._publish(task.owner, StreamError(task_id=task.task_id, message=message))
+            await self._emitter.emit(TaskFailed(task_id=task.task_id, reason=message))
+            self._on_change()
 
     async def connect_next(self, host: str, port: int) -> None:
         """Tell a pipeline stage where the next stage listens (once its shard is loading)."""
