@@ -18,9 +18,11 @@ from exo.routing.consensus import (
     Packet,
     Restored,
 )
+from exo.routing.consensus.log import entry_bytes
 from exo.routing.consensus.messages import (
     AppendEntries,
     AppendResponse,
+    ForwardCommands,
     VoteRequest,
     VoteResponse,
 )
@@ -303,6 +305,59 @@ def test_a_late_joiner_catches_up_from_a_snapshot_and_the_tail() -> None:
     snapshot = sim.disks[late].snapshot
     assert snapshot is not None and snapshot.index >= 300  # it never received early entries
     assert sim.nodes[late].entries(0, 50) == []
+
+
+def test_appends_and_forwarded_commands_stay_within_the_message_budget() -> None:
+    # A budget of a few entries: a lagging follower gets its catch-up in many appends, and a
+    # burst of commands goes to the master in many forwards, none over the budget (unless
+    # it carries a single item), and everything still commits once.
+    budget = 2_000
+    config = ConsensusConfig(snapshot_every=10_000, max_message_bytes=budget)
+    sim = Sim(seed=21, n=3, loss=0.0, duplicate=0.0, config=config)
+    sim.settle(100)
+    master = sim.master()
+    assert master is not None
+    lagging = next(n for n in sim.ids if n != master)
+    sender = next(n for n in sim.ids if n not in (master, lagging))
+    sent: dict[str, list[tuple[int, int]]] = {"append": [], "forward": []}
+    seen = sim.sent
+
+    def step() -> None:
+        nonlocal seen
+        sim.step()
+        for _at, n, packet in sim.in_flight:
+            if n <= seen:
+                continue
+            match packet.message:
+                case AppendEntries(entries=entries) if entries:
+                    total = sum(entry_bytes(e) for e in entries)
+                    sent["append"].append((len(entries), total))
+                case ForwardCommands(commands=commands):
+                    total = sum(len(c.envelope.model_dump_json()) for c in commands)
+                    sent["forward"].append((len(commands), total))
+                case _:
+                    pass
+        seen = sim.sent
+
+    sim.crash(lagging)
+    for i in range(120):
+        sim.produce(master if i % 2 else sender)
+        sim.command(sender)
+        if i % 30 != 29:  # bursts: commands pile up between steps
+            continue
+        step()
+    sim.start(lagging)
+    for _ in range(400):
+        step()
+        if sim.converged() and len(sim.replies) == len(sim.submitted_commands):
+            break
+    sim.check_final()
+    assert len(sim.replies) == len(sim.submitted_commands) == 120
+    for kind, messages in sent.items():
+        assert all(count == 1 or total <= budget for count, total in messages), (kind, messages)
+        # Split, not one message each: entries and commands are a few hundred bytes.
+        assert max(count for count, _ in messages) > 1, (kind, messages)
+        assert len(messages) >= 5, (kind, messages)
 
 
 def test_a_restarted_node_replays_its_disk_to_the_same_state() -> None:

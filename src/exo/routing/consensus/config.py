@@ -27,8 +27,11 @@ class ConsensusConfig:
     command_timeout_ticks: int = 200  # 10 s
     # A node outside the voters (new, or removed) asks to join this often.
     join_retry_ticks: int = 10  # 500 ms
-    # At most this many entries in one append message.
+    # At most this many entries in one append message (and commands in one forward).
     max_append_entries: int = 256
+    # ... and at most this many bytes of them (JSON), though always at least one: the mesh
+    # refuses frames over 64 MiB, and a task's messages may be up to the API's 4 MiB.
+    max_message_bytes: int = 16 * 1024 * 1024
     # A snapshot of the applied state every this many applied entries; the log keeps
     # the entries since the previous snapshot, so a follower a little behind gets entries.
     snapshot_every: int = 1000
@@ -40,5 +43,5 @@ class ConsensusConfig:
             raise ValueError("member_timeout_ticks must exceed two election timeouts")
         if min(self.resend_ticks, self.command_timeout_ticks, self.join_retry_ticks) <= 0:
             raise ValueError("resend, command timeout and join retry must be positive")
-        if self.max_append_entries <= 0 or self.snapshot_every <= 0:
-            raise ValueError("max_append_entries and snapshot_every must be positive")
+        if min(self.max_append_entries, self.snapshot_every, self.max_message_bytes) <= 0:
+            raise ValueError("max_append_entries, snapshot_every, max_message_bytes must be > 0")

@@ -140,7 +140,9 @@ class ConsensusNode:
         self._out_replies: list[CommandReply] = []
         self._hard_dirty = False
         command_origin: EventOrigin = f"{origin}/commands"
-        self._outbox = Outbox(command_origin, 0, self._cfg.max_append_entries)
+        self._outbox = Outbox(
+            command_origin, 0, self._cfg.max_append_entries, self._cfg.max_message_bytes
+        )
         if restored is not None:
             self._restore(restored)
             self._outbox.resume_after(self._tip_state().origin_seqs.get(command_origin, -1))
@@ -501,7 +503,9 @@ class ConsensusNode:
         prev_term = self._log.term_at(prev)
         assert prev_term is not None
         entries = self._log.slice(
-            progress.next_index, progress.next_index + self._cfg.max_append_entries
+            progress.next_index,
+            progress.next_index + self._cfg.max_append_entries,
+            self._cfg.max_message_bytes,
         )
         self._send(
             node,

@@ -40,14 +40,18 @@ class _PendingCommand:
     seq: int
     envelope: CommandEnvelope
     deadline: int
+    size: int  # its JSON's bytes
     sent_at: int = _NEVER
 
 
 class Outbox:
-    def __init__(self, command_origin: EventOrigin, next_command_seq: int, batch: int) -> None:
+    def __init__(
+        self, command_origin: EventOrigin, next_command_seq: int, batch: int, batch_bytes: int
+    ) -> None:
         self.command_origin = command_origin
         self._next_seq = next_command_seq
         self._batch = batch
+        self._batch_bytes = batch_bytes
         self._window = 4 * batch
         self._events: dict[EventOrigin, _OriginQueue] = {}
         self._commands: dict[CommandId, _PendingCommand] = {}
@@ -76,7 +80,10 @@ class Outbox:
     def add_command(self, envelope: CommandEnvelope, deadline: int) -> None:
         if envelope.command_id in self._commands:
             return
-        self._commands[envelope.command_id] = _PendingCommand(self._next_seq, envelope, deadline)
+        size = len(envelope.model_dump_json())
+        self._commands[envelope.command_id] = _PendingCommand(
+            self._next_seq, envelope, deadline, size
+        )
         self._next_seq += 1
 
     def prune(self, state: State) -> None:
@@ -145,10 +152,22 @@ class Outbox:
         return ForwardLocalEvents(events=tuple(p.event for p in chosen))
 
     def due_commands(self, now: int, resend_ticks: int) -> ForwardCommands | None:
-        pending = sorted(self._commands.values(), key=lambda c: c.seq)
-        if not any(now - c.sent_at >= resend_ticks for c in pending):
+        due = sorted(
+            (c for c in self._commands.values() if now - c.sent_at >= resend_ticks),
+            key=lambda c: c.seq,
+        )
+        if not due:
             return None
-        chosen = pending[: self._batch]
+        # In seq order, as many as fit (at least one); the rest are still due next time.
+        # The master takes them in seq order: one that arrives after a gap waits for the
+        # gap's re-send.
+        chosen: list[_PendingCommand] = []
+        total = 0
+        for c in due[: self._batch]:
+            total += c.size
+            if chosen and total > self._batch_bytes:
+                break
+            chosen.append(c)
         for c in chosen:
             c.sent_at = now
         return ForwardCommands(
