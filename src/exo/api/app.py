@@ -20,6 +20,7 @@ from exo.api.backend import ApiBackend
 from exo.api.dashboard import mount_dashboard
 from exo.api.errors import (
     ApiError,
+    above_context,
     error_from_validation,
     error_from_validation_error,
     model_not_found,
@@ -261,13 +262,7 @@ def create_app(
         if card is None:
             raise model_not_found(model)
         if context is not None and context > card.context_length:
-            raise ApiError(
-                400,
-                f"context {context} is above the {card.context_length}-token context of "
-                f"{card.model_id}.",
-                code="invalid_value",
-                param="context",
-            )
+            raise above_context("context", context, card.model_id, card.context_length)
         result = await anyio.to_thread.run_sync(preview_for_state, card, backend.state(), context)
         return Response(result.model_dump_json(), media_type="application/json")
 

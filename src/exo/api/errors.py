@@ -64,6 +64,16 @@ def model_not_found(model: str) -> ApiError:
     )
 
 
+def above_context(param: str, value: int, model: str, context_length: int) -> ApiError:
+    """A token count a request asks for beyond the model's context."""
+    return ApiError(
+        400,
+        f"{param} is too large: {value}. Model '{model}' has a context of {context_length} tokens.",
+        code="invalid_value",
+        param=param,
+    )
+
+
 # (HTTP status, error code) for each typed rejection the master can answer with.
 _REJECTION_STATUS: dict[RejectionCode, tuple[int, str]] = {
     "unknown_model": (404, "model_not_found"),

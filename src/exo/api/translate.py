@@ -9,7 +9,7 @@ Defaults (documented in docs/api.md):
 
 from collections.abc import Sequence
 
-from exo.api.errors import ApiError
+from exo.api.errors import ApiError, above_context
 from exo.api.openai_types import (
     AssistantMessage,
     ChatCompletion,
@@ -121,13 +121,7 @@ def _sampling(
     requested = request.max_completion_tokens or request.max_tokens
     param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if requested is not None and requested > card.context_length:
-        raise ApiError(
-            400,
-            f"{param} is too large: {requested}. Model '{card.model_id}' has a context of "
-            f"{card.context_length} tokens.",
-            code="invalid_value",
-            param=param,
-        )
+        raise above_context(param, requested, card.model_id, card.context_length)
     max_tokens = requested or min(default_max_tokens, card.context_length)
     temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
     top_p = DEFAULT_TOP_P if request.top_p is None else request.top_p
