@@ -111,6 +111,29 @@ def test_sampling_fields_pass_through() -> None:
     )
 
 
+def test_penalties_and_logit_bias_reach_the_sampler() -> None:
+    sampling = params(
+        presence_penalty=0.5, frequency_penalty=-1, logit_bias={"7": 10, "3": -100, "9": 0}
+    ).sampling
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -1.0)
+    assert sampling.logit_bias == ((3, -100.0), (7, 10.0))  # sorted; a zero bias is dropped
+    assert sampling.adjusted and sampling.penalized
+    plain = params().sampling
+    assert not plain.adjusted and plain.logit_bias == ()
+
+
+@pytest.mark.parametrize("key", ["abc", "-1", "1.5", "４", str(CARD.vocab_size)])
+def test_a_logit_bias_key_outside_the_vocabulary_is_400(key: str) -> None:
+    with pytest.raises(ApiError) as bad:
+        params(logit_bias={key: 1})
+    assert (bad.value.status, bad.value.code, bad.value.param) == (
+        400,
+        "invalid_value",
+        "logit_bias",
+    )
+    assert f"'{key}'" in bad.value.message and str(CARD.vocab_size - 1) in bad.value.message
+
+
 def test_ints_are_accepted_for_floats() -> None:
     sampling = params(temperature=0, top_p=1).sampling
     assert (sampling.temperature, sampling.top_p) == (0.0, 1.0)

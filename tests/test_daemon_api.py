@@ -4,6 +4,7 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -122,6 +123,45 @@ def test_seed_and_stop_are_honoured(daemon: Daemon) -> None:
     assert cut.finish_reason == "stop"
     assert stop not in (cut.message.content or "")
     assert full.startswith(cut.message.content or "")
+
+
+def test_penalties_and_logit_bias_change_greedy_output(daemon: Daemon, shared_models: Path) -> None:
+    from exo.models.store import ModelStore
+    from exo.worker.engines.base import ChatTokenizer
+
+    tokenizer = ChatTokenizer.from_dir(ModelStore(shared_models).ensure(BUILTIN))
+    c = client(daemon)
+    words = user("Write the word cat ten times.")
+
+    def greedy(
+        max_tokens: int = 16,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: dict[str, int] | None = None,
+    ) -> str:
+        reply = c.chat.completions.create(
+            model=BUILTIN,
+            messages=words,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            logit_bias=logit_bias,
+        )
+        return reply.choices[0].message.content or ""
+
+    plain = greedy()
+    assert greedy(frequency_penalty=2.0) != plain
+    assert greedy(presence_penalty=2.0) != plain
+    (cat,) = tokenizer.encode(" cat")
+    forced = greedy(max_tokens=3, logit_bias={str(cat): 100})
+    assert forced.split() == ["cat", "cat", "cat"], forced
+    unknown = httpx.post(
+        f"{daemon.url}/v1/chat/completions",
+        json={"model": BUILTIN, "messages": words, "logit_bias": {"99999999": 1}},
+        timeout=30,
+    )
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "logit_bias"
 
 
 def test_concurrent_requests_all_complete(daemon: Daemon) -> None:

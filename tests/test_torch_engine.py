@@ -558,3 +558,37 @@ def test_generate_streams_and_seeded_sampling_repeats(
     nucleus = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     assert run(nucleus) == run(nucleus)
     assert run(nucleus) != run(nucleus.model_copy(update={"seed": 8}))
+
+
+@pytest.mark.parametrize(
+    ("adjust", "expected"),
+    [
+        ({}, [0, 0, 0, 0]),
+        ({"frequency_penalty": 1.0}, [0, 1, 0, 1]),  # 5-n vs 4.5-m for n, m picks so far
+        ({"presence_penalty": 1.0}, [0, 1, 0, 0]),  # once each seen: 4 vs 3.5 from then on
+        ({"logit_bias": ((2, 10.0),)}, [2, 2, 2, 2]),
+        ({"logit_bias": ((0, -100.0),)}, [1, 1, 1, 1]),
+    ],
+)
+def test_penalties_and_logit_bias_steer_greedy_choices(
+    exact: TorchEngine, adjust: dict[str, Any], expected: list[int]
+) -> None:
+    sampling = SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, **adjust)
+    request = exact.new_request(8, seed=0)
+    logits = torch.tensor([[5.0, 4.5, 0.0, 0.0, 0.0, 0.0]])
+    picks = [exact.read_token(exact.sample(logits, sampling, request)) for _ in expected]
+    assert picks == expected
+
+
+def test_a_batch_adjusts_only_the_rows_that_ask(exact: TorchEngine) -> None:
+    plain = SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0)
+    penalized = plain.model_copy(update={"frequency_penalty": 1.0})
+    requests = [exact.new_request(8, seed=0) for _ in range(2)]
+    logits = torch.tensor([[5.0, 4.5, 0.0], [5.0, 4.5, 0.0]])
+    picks = [
+        exact.read_tokens(exact.sample_batch(logits, [plain, penalized], requests))
+        for _ in range(4)
+    ]
+    assert [row[0] for row in picks] == [0, 0, 0, 0]
+    assert [row[1] for row in picks] == [0, 1, 0, 1]
+    assert requests[0].counts is None  # nothing counted for a request without penalties

@@ -54,9 +54,17 @@ class ChatCompletionRequest(_Request):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: Annotated[StrictInt, Field(ge=1)] | None = None
-    # Accepted so that clients sending OpenAI's defaults work; they do not change sampling.
     presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
+    # Token id (as a string, as in OpenAI's API) -> bias; ids are checked against the model.
+    logit_bias: (
+        Annotated[
+            dict[StrictStr, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]],
+            Field(max_length=1024),
+        ]
+        | None
+    ) = None
+    # Accepted (OpenAI's clients send it); it changes nothing.
     user: StrictStr | None = None
     # Known, unsupported: rejected with a clear 400 by `translate` when set.
     tools: list[Any] | None = None

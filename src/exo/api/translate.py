@@ -133,7 +133,26 @@ def _sampling(
         top_p=float(top_p),
         seed=None if request.seed is None else request.seed % SEED_MODULUS,
         stop=_stops(request.stop),
+        presence_penalty=float(request.presence_penalty or 0.0),
+        frequency_penalty=float(request.frequency_penalty or 0.0),
+        logit_bias=_logit_bias(request.logit_bias, card),
     )
+
+
+def _logit_bias(bias: dict[str, float] | None, card: ModelCard) -> tuple[tuple[int, float], ...]:
+    pairs: list[tuple[int, float]] = []
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= card.vocab_size:
+            raise ApiError(
+                400,
+                f"logit_bias has '{key}', which is not a token id of {card.model_id} "
+                f"(0 to {card.vocab_size - 1}).",
+                code="invalid_value",
+                param="logit_bias",
+            )
+        if value != 0.0:
+            pairs.append((int(key), float(value)))
+    return tuple(sorted(pairs))
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:

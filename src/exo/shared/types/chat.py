@@ -18,6 +18,23 @@ class SamplingParams(Frozen):
     top_p: float = Field(gt=0.0, le=1.0)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # OpenAI's penalties on the tokens generated so far: each logit minus presence_penalty
+    # if the token occurred, minus frequency_penalty times its count; before the greedy or
+    # sampled choice.
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # (token id, bias) added to those logits, as OpenAI's logit_bias.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the tokens generated so far change the logits (then they are counted)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether the logits are changed at all before the choice."""
+        return self.penalized or bool(self.logit_bias)
 
 
 class ChatParams(Frozen):

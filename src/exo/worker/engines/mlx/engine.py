@@ -20,6 +20,22 @@ class MlxRequest:
     cache: list[KVCache]
     # Split once per sampled token: the same seed gives the same tokens.
     key: mx.array
+    # How often each token id was sampled; kept only for requests with penalties.
+    counts: mx.array | None = None
+
+
+def _adjusted(logits: mx.array, sampling: SamplingParams, counts: mx.array | None) -> mx.array:
+    """Logits with the request's logit_bias and its penalties on the tokens so far."""
+    logits = logits.astype(mx.float32)
+    if sampling.logit_bias:
+        ids = mx.array([i for i, _ in sampling.logit_bias], dtype=mx.int32)
+        bias = mx.array([b for _, b in sampling.logit_bias], dtype=mx.float32)
+        dense = mx.zeros((logits.shape[-1],), dtype=mx.float32).at[ids].add(bias)  # pyright: ignore[reportUnknownMemberType]
+        logits = logits + dense
+    if counts is not None:
+        seen = (counts > 0).astype(mx.float32)
+        logits = logits - sampling.presence_penalty * seen - sampling.frequency_penalty * counts
+    return logits
 
 
 def _sample_top_p(logits: mx.array, top_p: float, key: mx.array) -> mx.array:
@@ -74,6 +90,17 @@ class MlxEngine:
         return self._stage(x, request.cache)
 
     def sample(self, logits: mx.array, sampling: SamplingParams, request: MlxRequest) -> mx.array:
+        if sampling.adjusted:
+            logits = _adjusted(logits, sampling, request.counts)
+        token = self._choose(logits, sampling, request)
+        if sampling.penalized:
+            counts = request.counts
+            if counts is None:
+                counts = mx.zeros((logits.shape[-1],), dtype=mx.float32)
+            request.counts = counts.at[mx.flatten(token)].add(1.0)  # pyright: ignore[reportUnknownMemberType]
+        return token
+
+    def _choose(self, logits: mx.array, sampling: SamplingParams, request: MlxRequest) -> mx.array:
         if sampling.temperature == 0.0:
             return mx.argmax(logits, axis=-1, keepdims=True)
         keys = mx.random.split(request.key)

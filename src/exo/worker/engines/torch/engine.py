@@ -33,6 +33,21 @@ class TorchRequest:
     cache: KVCache
     # Advanced once per sampled token: the same seed gives the same tokens.
     generator: torch.Generator
+    # How often each token id was sampled; kept only for requests with penalties.
+    counts: Tensor | None = None
+
+
+def adjusted(logits: Tensor, sampling: SamplingParams, counts: Tensor | None) -> Tensor:
+    """[V] logits with the request's logit_bias and its penalties on the tokens so far."""
+    logits = logits.float()
+    if sampling.logit_bias:
+        ids = torch.tensor([i for i, _ in sampling.logit_bias], device=logits.device)
+        bias = torch.tensor([b for _, b in sampling.logit_bias], device=logits.device)
+        logits = logits.index_add(-1, ids, bias)
+    if counts is not None:
+        seen = (counts > 0).float()
+        logits = logits - sampling.presence_penalty * seen - sampling.frequency_penalty * counts
+    return logits
 
 
 def sample_top_p(logits: Tensor, top_p: float, generator: torch.Generator) -> Tensor:
@@ -166,11 +181,18 @@ class TorchEngine:
     ) -> Tensor:
         """[B, vocab] logits -> [B, 1] ids (a valid first-stage input for the next step)."""
         with torch.no_grad():
-            if all(s.temperature == 0.0 for s in samplings):
+            if all(s.temperature == 0.0 and not s.adjusted for s in samplings):
                 return logits.argmax(dim=-1, keepdim=True)
             rows: list[Tensor] = []
             for row, sampling, request in zip(logits, samplings, requests, strict=True):
-                rows.append(self._sample_one(row, sampling, request.generator))
+                if sampling.adjusted:
+                    row = adjusted(row, sampling, request.counts)
+                token = self._sample_one(row, sampling, request.generator)
+                if sampling.penalized:
+                    if request.counts is None:
+                        request.counts = torch.zeros(row.shape[-1], device=row.device)
+                    request.counts[token] += 1.0
+                rows.append(token)
             return torch.stack(rows)
 
     @staticmethod
