@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from exo.master.solver import baseline, place, preview
+from exo.master.solver.cost import bytes_per_param, device_terms
 from exo.place_cli import place_main
 from exo.shared.types.ids import ModelId, NodeId
 from exo.shared.types.models import ModelCard
@@ -326,3 +327,26 @@ def test_sixteen_devices_respect_the_time_budget() -> None:
         check_valid(result, model)
         assert result.solver.time_limit_s == pytest.approx(0.2)
         assert result.solver.solve_time_s < 1.0
+
+
+def test_prefill_uses_the_engine_s_calibrated_share_of_the_compute_figure() -> None:
+    model = card(layers=30, layer_gb=0.0033, non_layer_gb=0.03, hidden=576)
+    cpu = dev("a", 0, 16, 40, tflops=0.2, kind="cpu")
+    gpu = dev("b", 0, 16, 1000, tflops=100, kind="cuda")
+    flops = 2.0 * model.bytes_per_layer / bytes_per_param(model.dtype) * 512
+
+    def prefill(device: DeviceProfile, request: PlacementRequest) -> float:
+        terms = device_terms(model, device, request, ctx=4096)
+        return (
+            terms.layer_prefill_s
+            - request.params.efficiency(terms.engine, device.kind).layer_overhead_s
+        )
+
+    # torch on a CPU: its measured 1.5 of the f32 matmul figure; MLX: 0.38.
+    torch_cpu = PlacementRequest(cpu_engine="torch")
+    mlx_cpu = PlacementRequest(cpu_engine="mlx")
+    assert prefill(cpu, torch_cpu) == pytest.approx(flops / (0.2e12 * 1.5))
+    assert prefill(cpu, mlx_cpu) == pytest.approx(flops / (0.2e12 * 0.38))
+    # Not calibrated (CUDA here): compute_efficiency, bounded by reading the weights.
+    expected = max(model.bytes_per_layer / (1000e9 * 0.8), flops / (100e12 * 0.5))
+    assert prefill(gpu, PlacementRequest()) == pytest.approx(expected)

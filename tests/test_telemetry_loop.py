@@ -106,6 +106,30 @@ def test_run_reports_inventory_then_only_changes() -> None:
     assert change.reported_at_ms == 20 * 5000
 
 
+def test_started_once_the_first_inventory_is_reported() -> None:
+    # The node starts its runners when `tg.start(telemetry.run)` returns: by then the
+    # devices are measured and reported, so no runner loads during the micro-benchmarks.
+    sink = Sink()
+    telemetry = Telemetry(
+        node_id=NodeId("node-a"),
+        emitter=sink,
+        inventory=Inventory([ScriptedSource()], Bench()),
+        policy=TelemetryPolicy(interval_s=5.0),
+    )
+    seen: list[list[Event]] = []
+
+    async def scenario() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(telemetry.run)
+            seen.append(list(sink.events))
+            tg.cancel_scope.cancel()
+
+    anyio.run(scenario)
+    (reported,) = seen[0]
+    assert isinstance(reported, DeviceInventoryReported)
+    assert reported.devices[0].compute.source == "measured"
+
+
 def test_real_cpu_source_reads_this_machine() -> None:
     source = CpuSource()
     (cpu,) = source.probe()

@@ -7,12 +7,16 @@ Measures, for the built-in model (SmolLM2-135M) with the named engine:
 - for torch, one pass of the int4 kernels over every layer's weights (what the weight reads
   alone reach: the engine's share of the bandwidth figure);
 - end to end, decode tokens/s of `generate` on the whole model (what a runner reports in
-  `TaskFinished`).
+  `TaskFinished`);
+- the compute figure telemetry reports for this CPU with the engine (`cpu_compute`) and the
+  whole model's prefill of a prompt (`--prefill-tokens`, the cost model's reference 512):
+  the engine's prefill flops per second as a share of that figure (`compute_fraction`).
 
 It prints the fitted `EngineEfficiency` and the cost model's predictions, with the
 defaults in `exo.shared.types.placement`, against the measurements.
 
     uv run python -m bench.placement.calibrate [--engine torch|mlx] [--tokens 128] [--rounds 3]
+        [--prefill-tokens 512]
 """
 
 import argparse
@@ -27,7 +31,13 @@ from typing import Any
 import numpy as np
 
 from exo.master.solver import place
-from exo.master.solver.cost import Problem, compile_problem, stage_decode_s
+from exo.master.solver.cost import (
+    Problem,
+    bytes_per_param,
+    compile_problem,
+    stage_decode_s,
+    stage_prefill_s,
+)
 from exo.models.cards import SMOLLM2_135M_INSTRUCT
 from exo.models.store import ModelStore
 from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
@@ -37,7 +47,7 @@ from exo.shared.types.placement import EngineEfficiency, Placement, PlacementReq
 from exo.shared.types.topology import ClusterView, DeviceId, DeviceProfile
 from exo.worker.engines.base import ChatTokenizer, Engine, ShardSpec, load_engine, warm_up
 from exo.worker.generate import generate
-from exo.worker.telemetry.profiler import cpu_bandwidth
+from exo.worker.telemetry.profiler import cpu_bandwidth, cpu_compute
 
 CARD = SMOLLM2_135M_INSTRUCT
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
@@ -106,13 +116,27 @@ def generate_tps(engine: Engine[Any, Any], tokenizer: ChatTokenizer, n: int) -> 
     return (len(times) - 1) / (times[-1] - times[0])
 
 
+def prefill_s(engine: Engine[Any, Any], tokens: int) -> float:
+    """Seconds to prefill a prompt of `tokens` through the whole model (to its logits)."""
+    request = engine.new_request(tokens + 2, seed=0)
+    start = time.perf_counter()
+    engine.to_numpy(
+        engine.forward(engine.token_input([100 + i % 50 for i in range(tokens)]), request)
+    )
+    seconds = time.perf_counter() - start
+    release = getattr(engine, "release", None)
+    if release is not None:
+        release(request)
+    return seconds
+
+
 def fit_line(xs: list[int], ys: list[float]) -> tuple[float, float]:
     """Least squares y = intercept + slope x."""
     slope, intercept = np.polyfit(np.array(xs, dtype=float), np.array(ys), 1)
     return float(slope), float(intercept)
 
 
-def this_cpu(bandwidth: float) -> ClusterView:
+def this_cpu(bandwidth: float, compute: float = 1e11) -> ClusterView:
     device = DeviceProfile(
         device_id=DeviceId("here/cpu"),
         node_id=NodeId("here"),
@@ -120,14 +144,16 @@ def this_cpu(bandwidth: float) -> ClusterView:
         kind="cpu",
         memory_free_bytes=8 << 30,
         memory_bandwidth_bytes_per_s=bandwidth,
-        compute_flops=1e11,
+        compute_flops=compute,
     )
     return ClusterView(devices=(device,))
 
 
-def predicted(engine: EngineName, bandwidth: float, position: int) -> Placement:
+def predicted(
+    engine: EngineName, bandwidth: float, position: int, compute: float = 1e11
+) -> Placement:
     request = PlacementRequest(engine=engine, reference_prompt_tokens=position)
-    result = place(CARD, this_cpu(bandwidth), request)
+    result = place(CARD, this_cpu(bandwidth, compute), request)
     assert isinstance(result, Placement), result
     return result
 
@@ -138,6 +164,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
     args = parser.parse_args()
     engine_name: EngineName = args.engine
     n: int = args.tokens
@@ -165,6 +192,8 @@ def main() -> None:
     }
     probes["generate"] = lambda: 1.0 / generate_tps(whole, tokenizer, n)
     probes["bandwidth"] = lambda: 1.0 / cpu_bandwidth()[0]
+    probes["compute"] = lambda: 1.0 / cpu_compute(engine_name)[0]
+    probes["prefill"] = functools.partial(prefill_s, whole, args.prefill_tokens)
     seconds: dict[str, list[float]] = {name: [] for name in probes}
     kernels: list[tuple[float, int]] = []
     for _ in range(args.rounds):
@@ -177,6 +206,10 @@ def main() -> None:
     best = {name: min(v) for name, v in seconds.items()}
     typical = {name: statistics.median(v) for name, v in seconds.items()}
     bandwidth = 1.0 / best["bandwidth"]
+    compute = 1.0 / best["compute"]
+    # Prefill: the layers' matmuls over the prompt (2 flops per weight), against the figure.
+    prefill_flops = 2.0 * CARD.bytes_per_layer / bytes_per_param(CARD.dtype) * CARD.n_layers
+    compute_fraction = prefill_flops * args.prefill_tokens / best["prefill"] / compute
     kernel = min(kernels) if kernels else None
     stage_steps = {k: best[f"first [0, {k})"] for k in FIRST_STAGES}
 
@@ -198,6 +231,7 @@ def main() -> None:
         bandwidth_fraction=round(fraction, 3),
         layer_overhead_s=round(layer_overhead, 6),
         token_overhead_s=round(max(token_overhead, 0.0), 5),
+        compute_fraction=round(compute_fraction, 2),
         source="bench/placement/calibrate.py",
     )
 
@@ -205,6 +239,11 @@ def main() -> None:
     problem = problem_here(engine_name, bandwidth, position)
     print(f"engine {engine_name}; prompt {prompt} tokens + {n} new (position ~{position})")
     print(f"bandwidth figure (telemetry's probe) {bandwidth / 1e9:.1f} GB/s")
+    print(
+        f"compute figure (telemetry's probe) {compute / 1e9:.1f} GFLOP/s; prefill of "
+        f"{args.prefill_tokens} tokens {best['prefill'] * 1e3:.0f} ms = "
+        f"{compute_fraction:.2f} of the figure"
+    )
     if kernel is not None:
         print(
             f"int4 kernels alone: {kernel[1] / 1e6:.1f} MB in {kernel[0] * 1e3:.2f} ms = "
@@ -231,6 +270,16 @@ def main() -> None:
             typical["whole"] * 1e3,
         ),
     ]
+    prefill_problem = problem_here(engine_name, bandwidth, args.prefill_tokens, compute)
+    whole_prefill = stage_prefill_s(prefill_problem, 0, CARD.n_layers, last=True)
+    rows.append(
+        (
+            f"whole model, ms to prefill {args.prefill_tokens} tokens",
+            whole_prefill * 1e3,
+            best["prefill"] * 1e3,
+            typical["prefill"] * 1e3,
+        )
+    )
     for name, spec in shapes.items():
         if name == "whole":
             continue
@@ -241,8 +290,10 @@ def main() -> None:
         print(f"| {label} | {guess:.2f} | {got:.2f} | {error:+.0f} % | {median:.2f} |")
 
 
-def problem_here(engine: EngineName, bandwidth: float, position: int) -> Problem:
-    view = this_cpu(bandwidth)
+def problem_here(
+    engine: EngineName, bandwidth: float, position: int, compute: float = 1e11
+) -> Problem:
+    view = this_cpu(bandwidth, compute)
     request = PlacementRequest(engine=engine, reference_prompt_tokens=position)
     return compile_problem(CARD, view, view.devices, request)
 

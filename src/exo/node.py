@@ -196,11 +196,13 @@ class Node:
                 await tg.start(self._run_cluster, shutdown, failures)
                 await tg.start(self._streams.run)
                 await self._announce()
-                tg.start_soon(self._worker().run)
-                # Telemetry (issue 5): device inventory + change-detected metrics events.
-                tg.start_soon(
+                # Telemetry (issue 5): device inventory + change-detected metrics events. Its
+                # first inventory measures the devices before any runner of this node loads
+                # (a runner compiling on the same cores made the CPU's compute figure 12x low).
+                await tg.start(
                     node_telemetry(self._node_id, self._cluster, self._config, self._engine).run
                 )
+                tg.start_soon(self._worker().run)
                 tg.start_soon(prober.run)
                 replacer = Replacer(
                     view=self._cluster,

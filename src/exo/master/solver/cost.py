@@ -96,10 +96,9 @@ class Problem(Frozen):
 
 
 def _prefill_roofline(
-    read_bytes: float, flops: float, device: DeviceProfile, bandwidth: float, p: PlacementRequest
+    read_bytes: float, flops: float, device: DeviceProfile, bandwidth: float, fraction: float
 ) -> float:
-    compute = device.compute_flops * p.params.compute_efficiency
-    return max(read_bytes / bandwidth, flops / compute)
+    return max(read_bytes / bandwidth, flops / (device.compute_flops * fraction))
 
 
 def efficiency_of(device: DeviceProfile, request: PlacementRequest) -> EngineEfficiency:
@@ -132,8 +131,9 @@ def device_terms(
     # Decode has no compute term: one token is a matrix-vector product (~3 flops per weight
     # byte at 4 bits), memory-bound on every device, and the engine's measured fraction
     # already holds whatever else slows it. Prefill is batched matmuls: the roofline.
+    compute_fraction = eff.compute_fraction or params.compute_efficiency
     prefill = _prefill_roofline(
-        card.bytes_per_layer, layer_flops * prompt, device, bandwidth, request
+        card.bytes_per_layer, layer_flops * prompt, device, bandwidth, compute_fraction
     )
     return DeviceTerms(
         device=device,

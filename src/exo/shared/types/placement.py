@@ -31,6 +31,10 @@ class EngineEfficiency(Frozen):
     layer_overhead_s: float = Field(default=0.0, ge=0)
     # Fixed cost per stage per token (embedding or receive, sampling or send, the step loop).
     token_overhead_s: float = Field(default=0.0, ge=0)
+    # Prefill's flops per second as a share of the device's compute figure (telemetry's f32
+    # matmul): above 1 where the engine's quantized kernels beat that matmul. None: the
+    # cost model's `compute_efficiency`.
+    compute_fraction: float | None = Field(default=None, gt=0)
     source: str = ""
 
 
@@ -44,14 +48,17 @@ DEFAULT_ENGINE_EFFICIENCY: tuple[EngineEfficiency, ...] = (
         bandwidth_fraction=0.686,
         layer_overhead_s=0.000037,
         token_overhead_s=0.00024,
+        compute_fraction=1.5,
         source="compiled decode, our kernels: 31.4 GB/s of 45.7; 4.19 ms a step; 225.8 "
-        "tokens/s via generate",
+        "tokens/s via generate; prefill of 512 tokens 331 ms (329 GFLOP/s, figure 196-227)",
     ),
     EngineEfficiency(
         engine="mlx",
         kind="cpu",
         bandwidth_fraction=0.023,
-        source="MLX quantized CPU kernels: 7.3 tokens/s for ~87 MB read per token",
+        compute_fraction=0.38,
+        source="MLX quantized CPU kernels: 7.3 tokens/s for ~87 MB read per token; prefill "
+        "of 512 tokens 36.8 s (2.96 GFLOP/s, figure 7.8)",
     ),
 )
 

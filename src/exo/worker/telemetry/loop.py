@@ -60,9 +60,14 @@ class Telemetry:
     def devices(self) -> tuple[DeviceSpec, ...]:
         return self._devices
 
-    async def run(self) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Started once the first inventory (and its micro-benchmarks) is reported: a node
+        starts its runners after that, so they do not load while the CPU is measured."""
         try:
             await self._probe(force_emit=True)
+            task_status.started()
             while True:
                 await self.tick()
                 await self._sleep(self._policy.interval_s)
