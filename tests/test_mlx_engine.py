@@ -13,6 +13,7 @@ from exo.worker.engines.base import ChatTokenizer, ShardSpec, load_engine
 from exo.worker.engines.mlx.engine import MlxEngine
 from exo.worker.generate import generate
 from tests.conftest import BUILTIN
+from tests.sampling_cases import ADJUSTMENTS, greedy_picks
 
 pytestmark = pytest.mark.slow
 
@@ -105,21 +106,8 @@ def test_seed_makes_sampling_reproducible(full: MlxEngine, tokenizer: ChatTokeni
     assert runs[0] != runs[2]
 
 
-@pytest.mark.parametrize(
-    ("adjust", "expected"),
-    [
-        ({}, [0, 0, 0, 0]),
-        ({"frequency_penalty": 1.0}, [0, 1, 0, 1]),  # 5-n vs 4.5-m for n, m picks so far
-        ({"presence_penalty": 1.0}, [0, 1, 0, 0]),  # once each seen: 4 vs 3.5 from then on
-        ({"logit_bias": ((2, 10.0),)}, [2, 2, 2, 2]),
-        ({"logit_bias": ((0, -100.0),)}, [1, 1, 1, 1]),
-    ],
-)
+@ADJUSTMENTS
 def test_penalties_and_logit_bias_steer_greedy_choices(
     full: MlxEngine, adjust: dict[str, Any], expected: list[int]
 ) -> None:
-    sampling = SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, **adjust)
-    request = full.new_request(8, seed=0)
-    logits = mx.array([[5.0, 4.5, 0.0, 0.0, 0.0, 0.0]])
-    picks = [full.read_token(full.sample(logits, sampling, request)) for _ in expected]
-    assert picks == expected
+    assert greedy_picks(full, adjust, len(expected)) == expected

@@ -33,6 +33,7 @@ from exo.worker.engines.torch.quant import (
 from exo.worker.generate import generate
 from exo.worker.runner.protocol import RUNNER_THREADS_ENV
 from tests.conftest import BUILTIN
+from tests.sampling_cases import ADJUSTMENTS, greedy_picks
 
 N_LAYERS = 30
 SPLIT = 13
@@ -560,24 +561,11 @@ def test_generate_streams_and_seeded_sampling_repeats(
     assert run(nucleus) != run(nucleus.model_copy(update={"seed": 8}))
 
 
-@pytest.mark.parametrize(
-    ("adjust", "expected"),
-    [
-        ({}, [0, 0, 0, 0]),
-        ({"frequency_penalty": 1.0}, [0, 1, 0, 1]),  # 5-n vs 4.5-m for n, m picks so far
-        ({"presence_penalty": 1.0}, [0, 1, 0, 0]),  # once each seen: 4 vs 3.5 from then on
-        ({"logit_bias": ((2, 10.0),)}, [2, 2, 2, 2]),
-        ({"logit_bias": ((0, -100.0),)}, [1, 1, 1, 1]),
-    ],
-)
+@ADJUSTMENTS
 def test_penalties_and_logit_bias_steer_greedy_choices(
     exact: TorchEngine, adjust: dict[str, Any], expected: list[int]
 ) -> None:
-    sampling = SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, **adjust)
-    request = exact.new_request(8, seed=0)
-    logits = torch.tensor([[5.0, 4.5, 0.0, 0.0, 0.0, 0.0]])
-    picks = [exact.read_token(exact.sample(logits, sampling, request)) for _ in expected]
-    assert picks == expected
+    assert greedy_picks(exact, adjust, len(expected)) == expected
 
 
 def test_a_batch_adjusts_only_the_rows_that_ask(exact: TorchEngine) -> None:
