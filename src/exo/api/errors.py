@@ -1,5 +1,6 @@
 """Every error the API returns, in OpenAI's shape: `{"error": {message, type, param, code}}`."""
 
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from typing import cast
@@ -148,31 +149,28 @@ def _is_branch(part: str | int) -> bool:
     return isinstance(part, str) and (part in _BRANCH_NAMES or _FIELD_NAME.fullmatch(part) is None)
 
 
+def _union_point(issue: _Issue) -> tuple[str | int, ...] | None:
+    """The path of the union whose branch this issue is from (None: not from a union)."""
+    branch = next((n for n, p in enumerate(issue.loc) if _is_branch(p)), None)
+    return None if branch is None else issue.loc[:branch]
+
+
 def _merge_union_branches(issues: list[_Issue]) -> list[_Issue]:
     """One issue per field of a union that failed every branch: the field's own path (no
     branch names), and what the branch the value was meant for says ("List should have at
     most 4 items" for a list of 5 stop strings, not "Input should be a valid string"); when
     the value fits no branch's type, the types it could have been."""
-    unions: dict[tuple[str | int, ...], list[_Issue]] = {}
-    order: list[_Issue | tuple[str | int, ...]] = []  # a union's issues where its first was
-    for issue in issues:
-        branch = next((n for n, p in enumerate(issue.loc) if _is_branch(p)), None)
-        if branch is None:
-            order.append(issue)
-            continue
-        at = issue.loc[:branch]
-        if at not in unions:
-            order.append(at)
-        loc = tuple(p for p in issue.loc if not _is_branch(p))
-        unions.setdefault(at, []).append(issue.model_copy(update={"loc": loc}))
     merged: list[_Issue] = []
-    for item in order:
-        if isinstance(item, _Issue):
-            merged.append(item)
+    # pydantic reports a union's branches one after the other.
+    for at, run in itertools.groupby(issues, key=_union_point):
+        if at is None:
+            merged.extend(run)
             continue
-        group = unions[item]
+        group = [
+            i.model_copy(update={"loc": tuple(p for p in i.loc if not _is_branch(p))}) for i in run
+        ]
         # A branch whose type the value had failed deeper, or on a constraint: that one.
-        meant = [i for i in group if i.loc != item or not i.type.endswith("_type")]
+        meant = [i for i in group if i.loc != at or not i.type.endswith("_type")]
         if meant:
             merged.extend(meant)
             continue

@@ -64,13 +64,16 @@ _STOP_GRACE_S = 5.0
 
 
 class _InFlight:
-    def __init__(self, task_id: TaskId, owner: NodeId, dispatched: bool) -> None:
+    def __init__(
+        self, task_id: TaskId, owner: NodeId, dispatched: bool, elapsed_ms: float = 0.0
+    ) -> None:
         self.task_id = task_id
         # The node whose API holds the client: tokens and errors are published to it.
         self.owner = owner
         # Handed to this runner by its worker (a first stage); else joined in-band (BEGIN).
         self.dispatched = dispatched
-        self.dispatched_at = time.monotonic()
+        # When it entered the pipeline: a joined stage counts the time at earlier stages.
+        self.dispatched_at = time.monotonic() - elapsed_ms / 1000
         self.first_token_seen = False
 
 
@@ -316,8 +319,7 @@ class RunnerSupervisor:
         match message:
             case StageJoined(task_id=task_id, owner=owner, elapsed_ms=elapsed_ms):
                 if task_id not in self._in_flight:
-                    flight = _InFlight(task_id, owner, dispatched=False)
-                    flight.dispatched_at -= elapsed_ms / 1000  # its time at earlier stages
+                    flight = _InFlight(task_id, owner, dispatched=False, elapsed_ms=elapsed_ms)
                     self._in_flight[task_id] = flight
                     self._on_change()
             case StageLeft(task_id=task_id):

@@ -15,7 +15,9 @@ class RaftLog:
         self.base_index = base_index
         self.base_term = base_term
         self._entries: list[LogEntry] = []
-        self._sizes: list[int] = []  # entry_bytes of each entry, measured once
+        # entry_bytes of each entry, measured when an append first needs it (only a
+        # master's appends do: followers and a restored log never pay for it).
+        self._sizes: list[int | None] = []
 
     @property
     def last_index(self) -> int:
@@ -47,7 +49,10 @@ class RaftLog:
         if max_bytes is not None:
             total = 0
             for i in range(start - offset, end - offset):
-                total += self._sizes[i]
+                size = self._sizes[i]
+                if size is None:
+                    size = self._sizes[i] = entry_bytes(self._entries[i])
+                total += size
                 if total > max_bytes and i > start - offset:
                     end = i + offset
                     break
@@ -58,7 +63,7 @@ class RaftLog:
             if entry.index != expected:
                 raise ValueError(f"log append at {entry.index}, expected {expected}")
         self._entries.extend(entries)
-        self._sizes.extend(entry_bytes(e) for e in entries)
+        self._sizes.extend(None for _ in entries)
 
     def truncate_after(self, index: int) -> None:
         if index < self.base_index:

@@ -133,9 +133,8 @@ class StageLoop:
         self._first = engine.shard.is_first
         self._last = engine.shard.is_last
         self._next: StageSender | None = None
-        self._pending: deque[Generate] = deque()
-        # When each pending request reached this (first) stage: its BEGIN carries the wait.
-        self._queued_at: dict[TaskId, float] = {}
+        # First stage: requests not yet begun, with when each arrived (BEGIN carries the wait).
+        self._pending: deque[tuple[Generate, float]] = deque()
         self._active: dict[str, _Request] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
@@ -236,10 +235,9 @@ class StageLoop:
         for req in list(self._active.values()):
             self._send(StreamError(task_id=req.task_id, message="runner shut down"))
             self._release(req)
-        for task in self._pending:
+        for task, _ in self._pending:
             self._send(StreamError(task_id=task.task_id, message="runner shut down"))
         self._pending.clear()
-        self._queued_at.clear()
         return 0
 
     def _fail_link(self, reason: str) -> int:
@@ -247,10 +245,9 @@ class StageLoop:
         for req in list(self._active.values()):
             self._send(StreamError(task_id=req.task_id, message=f"pipeline failed: {reason}"))
             self._release(req)
-        for task in self._pending:
+        for task, _ in self._pending:
             self._send(StreamError(task_id=task.task_id, message=f"pipeline failed: {reason}"))
         self._pending.clear()
-        self._queued_at.clear()
         # A neighbour that was told to stop closes its links a moment before this runner
         # hears the same: that is a shutdown, not a failure of the instance.
         deadline = time.monotonic() + _SHUTDOWN_GRACE_S
@@ -276,8 +273,7 @@ class StageLoop:
                 self._lost = self._lost or reason
             case Generate():
                 if self._first:
-                    self._pending.append(event)
-                    self._queued_at[event.task_id] = time.perf_counter()
+                    self._pending.append((event, time.perf_counter()))
                 else:
                     message = "Generate sent to a pipeline stage other than the first"
                     self._send(StreamError(task_id=event.task_id, message=message))
@@ -292,10 +288,9 @@ class StageLoop:
                 logger.warning("ignoring a second LoadShard: this runner already has a shard")
 
     def _cancel(self, task_id: TaskId) -> None:
-        queued = [t for t in self._pending if t.task_id == task_id]
-        for task in queued:
-            self._pending.remove(task)
-            self._queued_at.pop(task_id, None)
+        queued = [q for q in self._pending if q[0].task_id == task_id]
+        for q in queued:
+            self._pending.remove(q)
             self._send(_cancelled_end(task_id))
         req = self._active.get(task_id)
         if req is not None:
@@ -528,9 +523,8 @@ class StageLoop:
     def _admit(self) -> bool:
         if not self._first or not self._pending or len(self._active) >= MAX_ACTIVE:
             return False
-        task = self._pending.popleft()
+        task, queued_at = self._pending.popleft()
         task_id = task.task_id
-        queued_at = self._queued_at.pop(task_id, time.perf_counter())
         self._send(GenerationStarted(task_id=task_id))
         try:
             if task.owner is None:
