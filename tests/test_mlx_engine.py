@@ -14,6 +14,7 @@ from exo.worker.engines.mlx.engine import MlxEngine
 from exo.worker.generate import generate
 from tests.conftest import BUILTIN
 from tests.sampling_cases import ADJUSTMENTS, greedy_picks
+from tests.tiny_models import FAMILY_CASES, assert_logits_match, save_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -111,3 +112,13 @@ def test_penalties_and_logit_bias_steer_greedy_choices(
     full: MlxEngine, adjust: dict[str, Any], expected: list[int]
 ) -> None:
     assert greedy_picks(full, adjust, len(expected)) == expected
+
+
+@FAMILY_CASES
+def test_family_matches_transformers(
+    tmp_path: Path, model_type: str, extra: dict[str, Any]
+) -> None:
+    """Every family and RoPE scaling the torch engine runs, MLX runs the same (float32)."""
+    reference = save_tiny(model_type, tmp_path, **extra)
+    engine = MlxEngine.load(tmp_path, ShardSpec(0, 3, 3), lambda _: None)
+    assert_logits_match(engine, reference)

@@ -14,13 +14,14 @@ from exo.models.builtin import builtin_gguf_path
 from exo.models.reference import HfGgufModel
 from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
 from exo.shared.types.ids import TaskId
+from exo.worker.engines.architecture import ModelArgs
 from exo.worker.engines.base import ChatTokenizer, ShardSpec, load_engine, warm_up
 from exo.worker.engines.choice import default_engine
 from exo.worker.engines.torch import cpu_ops, device
 from exo.worker.engines.torch.cache import KVCache, RequestBatch
 from exo.worker.engines.torch.compiled import CompiledDecoder
 from exo.worker.engines.torch.engine import TorchEngine, TorchRequest
-from exo.worker.engines.torch.llama import ModelArgs, rope_frequencies
+from exo.worker.engines.torch.llama import rope_frequencies
 from exo.worker.engines.torch.quant import (
     AffineWeight,
     Int4Linear,
@@ -34,6 +35,7 @@ from exo.worker.generate import generate
 from exo.worker.runner.protocol import RUNNER_THREADS_ENV
 from tests.conftest import BUILTIN
 from tests.sampling_cases import ADJUSTMENTS, greedy_picks
+from tests.tiny_models import FAMILY_CASES, assert_logits_match, save_tiny
 
 N_LAYERS = 30
 SPLIT = 13
@@ -229,79 +231,20 @@ def test_default_engine_per_device() -> None:
     assert default_engine("linux", has_cuda=True, machine="aarch64") == "torch"
 
 
-# ---- every family against transformers, random tiny weights --------------------------------
-
-_TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 128,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-6,
-}
+# ---- every family against transformers, random tiny weights (tests/tiny_models.py) ------
 
 
-def _save_tiny(model_type: str, out: Path, **extra: Any) -> Any:
-    """A random transformers model of the family, saved as a Hugging Face directory."""
-    # transformers is untyped: everything it returns is Any here.
-    transformers: Any = __import__("transformers")
-    config = transformers.AutoConfig.for_model(model_type, **_TINY, **extra)
-    torch.manual_seed(0)  # pyright: ignore[reportUnknownMemberType]
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    # Non-trivial norms and biases, so that their loading is checked too.
-    with torch.no_grad():
-        parameters: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
-        for name, param in parameters:
-            if "norm" in name or name.endswith(".bias"):
-                param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(str(out))
-    return model
-
-
-@pytest.mark.parametrize(
-    ("model_type", "extra"),
-    [
-        ("llama", {"tie_word_embeddings": False}),
-        (
-            "llama",
-            {
-                "rope_scaling": {
-                    "rope_type": "llama3",
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 32,
-                }
-            },
-        ),
-        ("mistral", {}),
-        ("qwen2", {"tie_word_embeddings": True}),
-        ("qwen3", {}),
-    ],
-)
+@FAMILY_CASES
 def test_family_matches_transformers(
     tmp_path: Path, model_type: str, extra: dict[str, Any]
 ) -> None:
-    reference = _save_tiny(model_type, tmp_path, **extra)
+    reference = save_tiny(model_type, tmp_path, **extra)
     engine = TorchEngine.load(tmp_path, ShardSpec(0, 3, 3), _ignore, weights="float32")
-    ids = [3, 17, 99, 42, 5, 64, 7]
-    request = engine.new_request(16, seed=0)
-    # A prefill, a chunk after cached tokens, then single-token steps.
-    feeds = [ids[:4], ids[4:6], ids[6:7], [11]]
-    seen: list[int] = []
-    for feed in feeds:
-        seen += feed
-        ours = engine.forward(engine.token_input(feed), request)
-        with torch.no_grad():
-            theirs = reference(torch.tensor([seen])).logits[:, -1].float()
-        assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (model_type, len(seen))
+    assert_logits_match(engine, reference)
 
 
 def test_compiled_decode_falls_back_to_eager_when_compiling_fails(tmp_path: Path) -> None:
-    _save_tiny("llama", tmp_path)
+    save_tiny("llama", tmp_path)
     engine = TorchEngine.load(tmp_path, ShardSpec(0, 3, 3), _ignore, weights="float32")
     assert engine.decoder is None  # the dense reference formats are never compiled
 
@@ -352,7 +295,7 @@ def test_a_stage_sharing_cores_has_graphs_for_both_thread_counts(tmp_path: Path)
     share of a node's cores and all of them (`use_cores`) needs graphs for both counts, or
     every step at the other count runs eagerly. In a process of its own, as in a runner
     (tests/helpers_torch_threads.py says why)."""
-    _save_tiny("llama", tmp_path)
+    save_tiny("llama", tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "tests.helpers_torch_threads", str(tmp_path)],
         capture_output=True,

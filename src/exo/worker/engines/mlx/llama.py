@@ -1,13 +1,15 @@
-"""Llama for one pipeline stage, in MLX: layers [start, end) of the model, cache passed in.
+"""Llama-family model for one pipeline stage, in MLX: layers [start, end), cache passed in.
 
-Reads a Hugging Face style directory (config.json + safetensors, optionally quantized the
-mlx-community way). The first stage holds the embedding, the last the final norm and the
-output head (the embedding again when tied); other stages hold only their layers.
+Covers what the torch engine does (`architecture.FAMILIES`: Llama 2/3.x with linear or
+llama3 RoPE scaling, SmolLM2, Mistral, Qwen2.5's q/k/v bias, Qwen3's RMSNorm over each
+q/k head), from the same reading of the config. Reads a Hugging Face style directory
+(config.json + safetensors, optionally quantized the mlx-community way). The first stage
+holds the embedding, the last the final norm and the output head (the embedding again when
+tied); other stages hold only their layers.
 """
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -15,54 +17,7 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 
-
-@dataclass(frozen=True)
-class ModelArgs:
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    vocab_size: int
-    rope_theta: float
-    rope_traditional: bool
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-    mlp_bias: bool
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ModelArgs":
-        if config.get("model_type", "llama") != "llama":
-            raise ValueError(f"not a llama model: {config.get('model_type')}")
-        scaling: dict[str, Any] = config.get("rope_scaling") or {}
-        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            # mlx_lm's RoPE variants are not reimplemented here yet; such models run on
-            # the torch engine (default, linear and llama3 scaling).
-            raise NotImplementedError(
-                f"rope_scaling {scaling} is not supported by the MLX engine (only unscaled "
-                "RoPE); run this model with --engine torch"
-            )
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        return cls(
-            hidden_size=hidden,
-            num_hidden_layers=int(config["num_hidden_layers"]),
-            intermediate_size=int(config["intermediate_size"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(config["rms_norm_eps"]),
-            vocab_size=int(config["vocab_size"]),
-            rope_theta=float(config.get("rope_theta", 10000.0)),
-            rope_traditional=bool(config.get("rope_traditional", False)),
-            max_position_embeddings=int(config.get("max_position_embeddings") or 2048),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
-            attention_bias=bool(config.get("attention_bias", False)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
-        )
+from exo.worker.engines.architecture import ModelArgs, rope_inverse_frequencies
 
 
 class KVCache:
@@ -99,6 +54,32 @@ def _heads(x: mx.array, n_heads: int) -> mx.array:
     return mx.transpose(mx.reshape(x, (batch, length, n_heads, -1)), (0, 2, 1, 3))
 
 
+class _Rope(nn.Module):
+    """Rotate-half RoPE at the config's frequencies (scaled ones passed to the kernel as periods)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.dims = args.head_dim
+        scaled = args.rope_kind != "default"
+        # Unscaled RoPE keeps the kernel's own frequencies from the base.
+        self.base = None if scaled else args.rope_theta
+        # "_": not a parameter of the checkpoint.
+        self._periods = (
+            mx.array(1.0 / rope_inverse_frequencies(args), dtype=mx.float32) if scaled else None
+        )
+
+    def __call__(self, x: mx.array, offset: int) -> mx.array:
+        return mx.fast.rope(
+            x,
+            self.dims,
+            traditional=False,
+            base=self.base,
+            scale=1.0,
+            offset=offset,
+            freqs=self._periods,
+        )
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -106,29 +87,24 @@ class Attention(nn.Module):
         self.n_kv_heads = args.num_key_value_heads
         self.head_dim = args.head_dim
         self.scale = args.head_dim**-0.5
-        self.rope_theta = args.rope_theta
-        self.rope_traditional = args.rope_traditional
-        dim, bias = args.hidden_size, args.attention_bias
-        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
-
-    def rope(self, x: mx.array, offset: int) -> mx.array:
-        return mx.fast.rope(
-            x,
-            self.head_dim,
-            traditional=self.rope_traditional,
-            base=self.rope_theta,
-            scale=1.0,
-            offset=offset,
-        )
+        dim, head_dim = args.hidden_size, args.head_dim
+        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.qk_norm = args.qk_norm
+        self.rope = _Rope(args)
 
     def __call__(self, x: mx.array, mask: str | None, cache: KVCache) -> mx.array:
         batch, length, _ = x.shape
         q = _heads(self.q_proj(x), self.n_heads)
         k = _heads(self.k_proj(x), self.n_kv_heads)
         v = _heads(self.v_proj(x), self.n_kv_heads)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = self.rope(q, cache.offset)
         k = self.rope(k, cache.offset)
         k, v = cache.update_and_fetch(k, v)

@@ -10,7 +10,6 @@ small kernels, so every call saved is per-token time saved.
 """
 
 import json
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor
 
+from exo.worker.engines.architecture import ModelArgs, rope_inverse_frequencies
 from exo.worker.engines.torch import cpu_ops
 from exo.worker.engines.torch.cache import AttentionBatch, KVCache
 from exo.worker.engines.torch.quant import (
@@ -35,94 +35,10 @@ from exo.worker.engines.torch.quant import (
     unpack_mlx,
 )
 
-_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    model_type: str
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    vocab_size: int
-    rope_theta: float
-    rope_scaling: dict[str, Any]
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ModelArgs":
-        model_type = str(config.get("model_type", "llama"))
-        if model_type not in _FAMILIES:
-            raise ValueError(f"not a Llama-family model: {model_type}")
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        context = int(config.get("max_position_embeddings") or 2048)
-        # Mistral's sliding window is not implemented: cap the context at the window instead.
-        window = config.get("sliding_window")
-        if model_type == "mistral" and isinstance(window, int) and window < context:
-            context = window
-        attention_bias = bool(config.get("attention_bias", False))
-        # transformers >= 5 writes rope_parameters (theta included) instead of the two keys.
-        rope: dict[str, Any] = dict(
-            config.get("rope_parameters") or config.get("rope_scaling") or {}
-        )
-        theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-        return cls(
-            model_type=model_type,
-            hidden_size=hidden,
-            num_hidden_layers=int(config["num_hidden_layers"]),
-            intermediate_size=int(config["intermediate_size"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(config["rms_norm_eps"]),
-            vocab_size=int(config["vocab_size"]),
-            rope_theta=theta,
-            rope_scaling=rope,
-            max_position_embeddings=context,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v bias and no o_proj bias; Llama's flag covers all four.
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=model_type != "qwen2" and attention_bias,
-            mlp_bias=bool(config.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-        )
-
 
 def rope_frequencies(args: ModelArgs) -> Tensor:
-    """Inverse frequencies [head_dim / 2], computed as transformers does (bit for bit)."""
-    dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = args.rope_scaling
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv_freq
-    factor = float(scaling["factor"])
-    if kind == "linear":
-        return inv_freq / factor
-    if kind == "llama3":
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old_context = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv_freq
-        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
-        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
-        smooth = (old_context / wavelen - low) / (high - low)
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
-        return torch.where(medium, blended, scaled)
-    # yarn, dynamic NTK and longrope wait for a model family that needs them.
-    raise NotImplementedError(
-        f"rope_scaling {scaling} is not supported (default, linear and llama3 are)"
-    )
+    """Inverse frequencies [head_dim / 2], float32."""
+    return torch.tensor(rope_inverse_frequencies(args), dtype=torch.float32)
 
 
 @dataclass(frozen=True)
