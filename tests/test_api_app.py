@@ -25,9 +25,12 @@ from fastapi import FastAPI
 from exo.api.app import create_app
 from exo.api.settings import ApiSettings
 from exo.models.cards import SMOLLM2_135M_INSTRUCT
+from exo.models.describe import UnsupportedModel
+from exo.models.hub import HubDenied, HubError, HubNotFound
 from exo.shared.apply import apply
 from exo.shared.types.cluster import ClusterStatus
 from exo.shared.types.commands import (
+    AddModel,
     CancelTask,
     Command,
     CommandAccepted,
@@ -43,6 +46,7 @@ from exo.shared.types.events import (
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
+    ModelAdded,
     RunnerStatusChanged,
     TaskCancelled,
     TaskCreated,
@@ -135,6 +139,8 @@ class ScriptedBackend:
         default_factory=dict[str, tuple[RejectionCode, str]]
     )
     silent_master: bool = False
+    # What the hub holds: repo -> its card, or the error reading it raises.
+    hub: dict[str, ModelCard | Exception] = field(default_factory=dict[str, ModelCard | Exception])
     commands: list[Command] = field(default_factory=list[Command])
     events: list[IndexedEvent] = field(default_factory=list[IndexedEvent])
     _state: State = field(default_factory=State)
@@ -178,6 +184,12 @@ class ScriptedBackend:
     def model_card(self, model_id: ModelId) -> ModelCard | None:
         return next((c for c in self.cards if c.model_id == model_id), None)
 
+    async def describe_hub_model(self, repo: str, revision: str) -> ModelCard:
+        found = self.hub.get(repo, HubNotFound(f"{repo}@{revision}: not found on the hub"))
+        if isinstance(found, Exception):
+            raise found
+        return found
+
     async def send_command(self, command: Command) -> CommandReply:
         self.commands.append(command)
         if self.silent_master:
@@ -202,6 +214,9 @@ class ScriptedBackend:
                 return self._accepted(
                     command_id, None, TaskCancelled(task_id=task_id, reason=reason)
                 )
+            case AddModel(card=card):
+                self.cards = [c for c in self.cards if c.model_id != card.model_id] + [card]
+                return self._accepted(command_id, card.model_id, ModelAdded(card=card))
             case DeleteInstance(instance_id=instance_id):
                 if instance_id not in self._state.instances:
                     return CommandRejected(
@@ -996,6 +1011,56 @@ async def test_place_instance_errors() -> None:
     assert_openai_error(unknown, 404, "model_not_found")
     assert assert_openai_error(bad_engine, 422, "literal_error")["param"] == "engine"
     assert assert_openai_error(rejected, 503, "placement_failed")["message"] == "no room"
+
+
+# --- models from the hub --------------------------------------------------------------------
+
+
+HUB_CARD = CARD.model_copy(
+    update={"model_id": ModelId("org/tiny-chat"), "source": f"hf:org/tiny-chat@{'a' * 40}"}
+)
+
+
+async def test_adding_a_hub_model_puts_its_card_in_the_catalogue() -> None:
+    backend = ScriptedBackend(hub={"org/tiny-chat": HUB_CARD})
+    async with serving(backend) as client:
+        added = await client.post("/models", json={"repo": "org/tiny-chat"})
+        again = await client.post("/models", json={"repo": "org/tiny-chat", "revision": "main"})
+        listed = (await client.get("/v1/models")).json()
+        one = await client.get("/v1/models/org/tiny-chat")
+    assert added.status_code == 201
+    assert ModelCard.model_validate(added.json()) == HUB_CARD
+    assert again.status_code == 200  # the same card: nothing changed
+    assert "org/tiny-chat" in [m["id"] for m in listed["data"]]
+    assert one.status_code == 200
+    assert [c for c in backend.commands if isinstance(c, AddModel)] == [AddModel(card=HUB_CARD)] * 2
+
+
+@pytest.mark.parametrize(
+    ("repo", "error", "status", "code"),
+    [
+        ("org/missing", None, 404, "model_not_found"),
+        ("org/gated", HubDenied("org/gated: the hub refused access (401)"), 403, "hub_denied"),
+        (
+            "org/vision",
+            UnsupportedModel("org/vision: model_type 'llava'"),
+            400,
+            "unsupported_model",
+        ),
+        ("org/down", HubError("cannot reach the hub"), 502, "hub_unavailable"),
+        ("../etc", None, 400, "invalid_value"),
+        ("no-owner", None, 400, "invalid_value"),
+    ],
+)
+async def test_adding_a_hub_model_says_why_it_cannot(
+    repo: str, error: Exception | None, status: int, code: str
+) -> None:
+    backend = ScriptedBackend(hub={} if error is None else {repo: error})
+    async with serving(backend) as client:
+        response = await client.post("/models", json={"repo": repo})
+    body = assert_openai_error(response, status, code)
+    assert body["param"] in ("repo", None)
+    assert not [c for c in backend.commands if isinstance(c, AddModel)]
 
 
 # --- the rest -------------------------------------------------------------------------------

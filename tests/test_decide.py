@@ -7,9 +7,10 @@ import pytest
 
 from exo.master.decide import DecideContext, Decision, Rejection, decide
 from exo.master.placement import PLACE_TIME_LIMIT_S
-from exo.models.cards import SMOLLM2_135M_INSTRUCT
+from exo.models.cards import SMOLLM2_135M_INSTRUCT, card_in
 from exo.shared.apply import fold
 from exo.shared.types.commands import (
+    AddModel,
     CancelTask,
     CommandEnvelope,
     CreateTask,
@@ -24,6 +25,7 @@ from exo.shared.types.events import (
     InstanceCreated,
     InstanceDeleted,
     LinkProfileMeasured,
+    ModelAdded,
     NodeStarted,
     RunnerStatusChanged,
     TaskCreated,
@@ -274,3 +276,36 @@ def test_placing_is_fast_enough_for_the_event_loop() -> None:
     started = time.perf_counter()
     placed(state)
     assert time.perf_counter() - started < PLACE_TIME_LIMIT_S
+
+
+# --- models added from the hub ------------------------------------------------------------
+
+HUB = SMOLLM2_135M_INSTRUCT.model_copy(
+    update={"model_id": ModelId("org/chat"), "source": f"hf:org/chat@{'a' * 40}"}
+)
+
+
+def _add(state: State, command: AddModel) -> Decision | Rejection:
+    envelope = CommandEnvelope(command_id=CommandId("c"), origin=NODES[0], command=command)
+    return decide(state, envelope, lambda m: card_in(state, m), CTX)
+
+
+def test_a_hub_model_joins_the_catalogue_once_and_moves_to_a_new_commit() -> None:
+    added = _add(State(), AddModel(card=HUB))
+    assert added == Decision(events=(ModelAdded(card=HUB),), created_id="org/chat")
+    state = state_of(ModelAdded(card=HUB))
+    assert card_in(state, ModelId("org/chat")) == HUB
+    assert _add(state, AddModel(card=HUB)) == Decision(created_id="org/chat")
+    newer = HUB.model_copy(update={"source": f"hf:org/chat@{'b' * 40}"})
+    assert _add(state, AddModel(card=newer)) == Decision(
+        events=(ModelAdded(card=newer),), created_id="org/chat"
+    )
+    assert card_in(state_of(ModelAdded(card=HUB), ModelAdded(card=newer)), HUB.model_id) == newer
+
+
+def test_a_built_in_model_cannot_be_replaced_from_the_hub() -> None:
+    impostor = SMOLLM2_135M_INSTRUCT.model_copy(update={"source": f"hf:org/x@{'a' * 40}"})
+    out = _add(State(), AddModel(card=impostor))
+    assert isinstance(out, Rejection)
+    assert out.code == "invalid"
+    assert "built in" in out.message

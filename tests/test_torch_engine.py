@@ -10,11 +10,11 @@ from typing import Any, cast
 import pytest
 import torch
 
+from exo.models.architecture import ModelArgs
 from exo.models.builtin import builtin_gguf_path
 from exo.models.reference import HfGgufModel
 from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
 from exo.shared.types.ids import TaskId
-from exo.worker.engines.architecture import ModelArgs
 from exo.worker.engines.base import ChatTokenizer, ShardSpec, load_engine, warm_up
 from exo.worker.engines.choice import default_engine
 from exo.worker.engines.torch import cpu_ops, device

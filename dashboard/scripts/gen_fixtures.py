@@ -9,6 +9,7 @@ the `instances` of the recorded states (state-34/36/74.json) with the Python fol
 import json
 from pathlib import Path
 
+from exo.models.cards import SMOLLM2_135M_INSTRUCT
 from exo.shared.apply import apply, fold
 from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
 from exo.shared.types.events import (
@@ -19,6 +20,7 @@ from exo.shared.types.events import (
     InstanceCreated,
     InstanceDeleted,
     LinkProfileMeasured,
+    ModelAdded,
     ModelStoreProgress,
     NodeStarted,
     RunnerStatusChanged,
@@ -48,6 +50,7 @@ from exo.shared.types.telemetry import DeviceMetrics, DeviceSpec, LinkProfile, P
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "test" / "fixtures" / "synthetic.json"
 MODEL = ModelId("smollm2-135m-instruct")
+HUB_MODEL = ModelId("org/chat")
 A, B = NodeId("node-aaaa"), NodeId("node-bbbb")
 PARAMS = ChatParams(
     messages=(ChatMessage(role="user", content="hi"),),
@@ -158,6 +161,8 @@ def events() -> list[tuple[str, Event]]:
         ("a/1", TaskFinished(task_id=TaskId("t7"), finish_reason="length", prompt_tokens=10, completion_tokens=1, decode_tokens_per_s=0.0)),
         ("a/1", TaskFirstToken(task_id=TaskId("t6"), time_to_first_token_ms=95.0)),
         ("a/1", TaskFinished(task_id=TaskId("t6"), finish_reason="stop", prompt_tokens=10, completion_tokens=40, decode_tokens_per_s=31.3)),
+        # A model added from the hub (its card read from the hub by the API's node).
+        ("m", ModelAdded(card=SMOLLM2_135M_INSTRUCT.model_copy(update={"model_id": HUB_MODEL, "display_name": "chat", "source": f"hf:{HUB_MODEL}@{'a' * 40}"}))),
     ]  # fmt: skip
 
 

@@ -9,6 +9,7 @@ from exo.shared.types.base import Frozen
 
 DEFAULT_API_PORT = 52415
 DEFAULT_MESH_PORT = 52416
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 
 
 def data_dir_default() -> Path:
@@ -35,6 +36,10 @@ class NodeConfig(Frozen):
     dashboard_dir: Path | None = None
     # Model placed at start-up (None: place on the first request).
     preload_model: str | None = None
+    # Where models added from the Hugging Face hub come from (a mirror speaks the same
+    # HTTP), and the token for gated or private repositories.
+    hf_endpoint: str = DEFAULT_HF_ENDPOINT
+    hf_token: str | None = Field(default=None, repr=False)
     verbose: bool = False
     # fsync every log batch before it is applied or acked (off only for throwaway tests).
     fsync: bool = True

@@ -12,6 +12,7 @@ from loguru import logger
 
 from exo.config import (
     DEFAULT_API_PORT,
+    DEFAULT_HF_ENDPOINT,
     DEFAULT_MESH_PORT,
     NodeConfig,
     cache_dir_default,
@@ -40,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         default=os.environ.get("EXO_MODEL"),
         help="place this model at start-up, e.g. smollm2-135m-instruct (env EXO_MODEL)",
+    )
+    p.add_argument(
+        "--hf-endpoint",
+        default=os.environ.get("HF_ENDPOINT", DEFAULT_HF_ENDPOINT),
+        help="Hugging Face hub (or mirror) that models added by repository id come from "
+        "(env HF_ENDPOINT, default %(default)s); HF_TOKEN opens gated or private ones",
     )
     p.add_argument(
         "--engine",
@@ -198,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         cache_dir=cache_dir_default(),
         dashboard_dir=dashboard,
         preload_model=args.model,
+        hf_endpoint=args.hf_endpoint,
+        hf_token=os.environ.get("HF_TOKEN") or None,
         verbose=args.verbose,
         fsync=not args.no_fsync,
         runner_load_timeout_s=args.runner_load_timeout,

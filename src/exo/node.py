@@ -30,7 +30,9 @@ from exo.cluster.store import ClusterStore
 from exo.config import NodeConfig
 from exo.identity import load_or_create_node_id
 from exo.master.decide import DecideContext, Decision, Rejection, decide
-from exo.models.cards import KNOWN_CARDS
+from exo.models.cards import card_in, cards_in
+from exo.models.describe import describe
+from exo.models.hub import HubClient
 from exo.models.store import ModelStore
 from exo.routing.consensus import ConsensusConfig
 from exo.routing.discovery import DiscoveredPeer, Discovery, parse_peer
@@ -77,7 +79,13 @@ class Node:
         try:
             self._store.migrate_single_node_log(config.log_path, self._node_id, uuid.uuid4().hex)
             self._router = Router()
-            self._models = ModelStore(config.model_store_dir)
+            self._models = ModelStore(
+                config.model_store_dir,
+                # Read from the worker's thread: the state is an immutable value.
+                card_for=lambda model_id: card_in(self._cluster.state, model_id),
+                hub_endpoint=config.hf_endpoint,
+                hub_token=config.hf_token,
+            )
             self._mesh = Mesh(
                 MeshConfig(
                     node_id=self._node_id,
@@ -117,10 +125,17 @@ class Node:
         return self._cluster.status()
 
     def model_cards(self) -> Sequence[ModelCard]:
-        return list(KNOWN_CARDS.values())
+        return cards_in(self._cluster.state)
 
     def model_card(self, model_id: ModelId) -> ModelCard | None:
-        return KNOWN_CARDS.get(model_id)
+        return card_in(self._cluster.state, model_id)
+
+    async def describe_hub_model(self, repo: str, revision: str) -> ModelCard:
+        def read() -> ModelCard:
+            with HubClient(self._config.hf_endpoint, self._config.hf_token) as client:
+                return describe(client, repo, revision)
+
+        return await anyio.to_thread.run_sync(read)
 
     async def send_command(self, command: Command) -> CommandReply:
         envelope = CommandEnvelope(
@@ -164,7 +179,7 @@ class Node:
             new_runner_ids=[new_runner_id() for _ in range(64)],
             default_engine=self._engine,
         )
-        return decide(state, envelope, KNOWN_CARDS.get, ctx)
+        return decide(state, envelope, lambda model_id: card_in(state, model_id), ctx)
 
     # --- lifecycle ----------------------------------------------------------------------
 

@@ -97,6 +97,8 @@ function applyEvent(state: State, event: Event): State {
     case 'task_cancelled':
       if (!(event.task_id in state.tasks)) return state;
       return dropFailedTasks(state, new Set([event.task_id]));
+    case 'model_added':
+      return { ...state, models: { ...(state.models ?? {}), [event.card.model_id]: event.card } };
     case 'model_store_progress':
       return {
         ...state,

@@ -108,6 +108,23 @@ export interface ModelStoreProgress {
   complete: boolean;
 }
 
+/** What placement and the API know of a model (exo.shared.types.models.ModelCard). */
+export interface ModelCard {
+  model_id: ModelId;
+  display_name: string;
+  architecture: string;
+  n_layers: number;
+  hidden_size: number;
+  vocab_size: number;
+  context_length: number;
+  dtype: string;
+  bytes_per_layer: number;
+  bytes_non_layer: number;
+  kv_bytes_per_token_per_layer: number;
+  kv_dtype: string;
+  source: string;
+}
+
 export interface TaskCounters {
   finished: number;
   failed: number;
@@ -122,6 +139,8 @@ export interface State {
   runners: Record<RunnerId, RunnerStatus>;
   tasks: Record<TaskId, Task>;
   model_progress: Record<string, ModelStoreProgress>;
+  // Models added from the hub (absent from older daemons).
+  models?: Record<ModelId, ModelCard>;
   origin_seqs: Record<string, number>;
   counters: TaskCounters;
   // Telemetry (absent from daemons without it).
@@ -159,6 +178,7 @@ export type Event =
     }
   | { kind: 'task_failed'; task_id: TaskId; reason: string }
   | { kind: 'task_cancelled'; task_id: TaskId; reason: string }
+  | { kind: 'model_added'; card: ModelCard }
   | ModelStoreProgress
   | { kind: 'device_inventory_reported'; node_id: NodeId; devices: DeviceSpec[]; reported_at_ms: number }
   | {
@@ -194,6 +214,7 @@ export const KNOWN_EVENT_KINDS: ReadonlySet<string> = new Set([
   'task_finished',
   'task_failed',
   'task_cancelled',
+  'model_added',
   'model_store_progress',
   'device_inventory_reported',
   'device_metrics_reported',

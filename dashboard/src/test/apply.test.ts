@@ -6,7 +6,7 @@ import { deepFreeze, recordedEvents, recordedState, synthetic } from './fixtures
 // A daemon without telemetry has no node_devices/links; one with it starts them empty.
 // Fields of newer daemons this fold has no event for yet start at their defaults.
 function withTelemetry(state: State): State {
-  return { node_devices: {}, links: {}, master: null, runner_endpoints: {}, ...state };
+  return { node_devices: {}, links: {}, master: null, runner_endpoints: {}, models: {}, ...state };
 }
 
 describe('apply over events recorded from a real daemon', () => {
@@ -36,6 +36,12 @@ describe('apply matches exo.shared.apply on failure paths', () => {
 
   it('gives the state Python computed', () => {
     expect(withTelemetry(fold(emptyState(), events))).toEqual(withTelemetry(expected));
+  });
+
+  it('adds a model from the hub to the catalogue', () => {
+    const state = fold(emptyState(), events);
+    expect(Object.keys(state.models ?? {})).toEqual(['org/chat']);
+    expect(state.models?.['org/chat']?.source).toMatch(/^hf:org\/chat@/);
   });
 
   it('folds device inventory, metrics and links', () => {

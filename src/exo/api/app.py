@@ -34,7 +34,7 @@ from exo.api.generation import (
     wait_applied,
 )
 from exo.api.inbox import Inbox, InboxClosed
-from exo.api.openai_types import ChatCompletionRequest, PlaceInstanceRequest
+from exo.api.openai_types import AddModelRequest, ChatCompletionRequest, PlaceInstanceRequest
 from exo.api.placement import preview_for_state
 from exo.api.responses import EventStreamResponse, SSEChannel, WatchedResponse
 from exo.api.settings import ApiSettings
@@ -46,12 +46,15 @@ from exo.api.translate import (
     model_list,
     model_object,
 )
+from exo.models.describe import UnsupportedModel
+from exo.models.hub import HubDenied, HubError, HubNotFound, check_repo_id
 from exo.shared.types.base import Frozen
 from exo.shared.types.chat import ChatParams
 from exo.shared.types.cluster import ClusterStatus
-from exo.shared.types.commands import DeleteInstance, PinnedStage, PlaceInstance
+from exo.shared.types.commands import AddModel, DeleteInstance, PinnedStage, PlaceInstance
 from exo.shared.types.events import IndexedEvent
 from exo.shared.types.ids import InstanceId, ModelId, NodeId, TaskId, new_task_id
+from exo.shared.types.models import ModelCard
 from exo.shared.types.state import State
 
 M = TypeVar("M", bound=BaseModel)
@@ -232,6 +235,22 @@ def create_app(
             raise model_not_found(model_id)
         return model_object(card).model_dump(mode="json")
 
+    @app.post(
+        "/models",
+        status_code=201,
+        response_model=None,
+        openapi_extra=_schema(AddModelRequest),
+        tags=["cluster"],
+    )
+    async def add_model(request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
+        body = await _parse_body(request, AddModelRequest, settings.max_request_bytes)
+        card = await _describe(backend, body.repo, body.revision)
+        known = backend.model_card(card.model_id)
+        accepted = await send_command(backend, AddModel(card=card), settings)
+        await wait_applied(backend, accepted.last_index, settings)
+        status = 200 if known == card else 201
+        return JSONResponse(card.model_dump(mode="json"), status_code=status)
+
     # --- cluster ---------------------------------------------------------------------
 
     @app.get("/healthz", tags=["cluster"])
@@ -374,9 +393,27 @@ def create_app(
         )
         return reply.model_dump(mode="json")
 
-    _with_body_schemas(app, [ChatCompletionRequest, PlaceInstanceRequest])
+    _with_body_schemas(app, [ChatCompletionRequest, PlaceInstanceRequest, AddModelRequest])
     mount_dashboard(app, dashboard_dir)
     return app
+
+
+async def _describe(backend: ApiBackend, repo: str, revision: str) -> ModelCard:
+    """The hub repository's card, or the ApiError that says why there is none."""
+    try:
+        check_repo_id(repo)
+    except ValueError as e:
+        raise ApiError(400, f"{e}.", code="invalid_value", param="repo") from None
+    try:
+        return await backend.describe_hub_model(repo, revision)
+    except HubNotFound as e:
+        raise ApiError(404, f"{e}.", code="model_not_found", param="repo") from None
+    except HubDenied as e:
+        raise ApiError(403, f"{e}.", code="hub_denied", param="repo") from None
+    except UnsupportedModel as e:
+        raise ApiError(400, f"{e}.", code="unsupported_model", param="repo") from None
+    except HubError as e:
+        raise ApiError(502, f"{e}.", code="hub_unavailable") from None
 
 
 async def _ignore(_note: str) -> None:

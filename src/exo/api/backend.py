@@ -31,6 +31,12 @@ class ApiBackend(Protocol):
 
     def model_card(self, model_id: ModelId) -> ModelCard | None: ...
 
+    async def describe_hub_model(self, repo: str, revision: str) -> ModelCard:
+        """The card of a hub repository at `revision`'s commit, read from the hub (no weights).
+
+        Raises `exo.models.hub.HubError` (and its kinds) or `UnsupportedModel`."""
+        ...
+
     async def send_command(self, command: Command) -> CommandReply:
         """Deliver to the master and wait for its accept/reject (raises TimeoutError)."""
         ...

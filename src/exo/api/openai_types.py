@@ -101,6 +101,13 @@ class PlaceInstanceRequest(_Request):
     exclude_devices: list[StrictStr] = Field(default_factory=list[StrictStr], max_length=1024)
 
 
+class AddModelRequest(_Request):
+    """A Hugging Face hub repository to serve: `owner/name`, at a branch, tag or commit."""
+
+    repo: StrictStr = Field(min_length=3, max_length=200)
+    revision: StrictStr = Field(default="main", min_length=1, max_length=200)
+
+
 # --- responses -------------------------------------------------------------------------
 
 OpenAIFinishReason = Literal["stop", "length"]

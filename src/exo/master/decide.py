@@ -6,6 +6,7 @@ from exo.master.manual_split import SplitRejected, validate_manual_split
 from exo.master.placement import PlacementError, auto_place, cost_manual_split
 from exo.shared.types.base import Frozen
 from exo.shared.types.commands import (
+    AddModel,
     CancelTask,
     CommandEnvelope,
     CreateTask,
@@ -17,6 +18,7 @@ from exo.shared.types.events import (
     Event,
     InstanceCreated,
     InstanceDeleted,
+    ModelAdded,
     TaskCancelled,
     TaskCreated,
 )
@@ -90,6 +92,15 @@ def decide(
             if task_id not in state.tasks:
                 return Decision()  # already over: cancelling is idempotent
             return Decision(events=(TaskCancelled(task_id=task_id, reason=reason),))
+        case AddModel(card=card):
+            known = card_for(card.model_id)
+            if known == card:
+                return Decision(created_id=card.model_id)  # adding is idempotent
+            if known is not None and known.model_id not in state.models:
+                return Rejection(
+                    code="invalid", message=f"{card.model_id} is built in and cannot be replaced"
+                )
+            return Decision(events=(ModelAdded(card=card),), created_id=card.model_id)
 
 
 def serving_instance(state: State, model_id: ModelId) -> Instance | None:

@@ -3,6 +3,7 @@
 from exo.models.builtin import BUILTIN_PACKAGE
 from exo.shared.types.ids import ModelId
 from exo.shared.types.models import ModelCard
+from exo.shared.types.state import State
 
 BUILTIN_MODEL_ID = ModelId("smollm2-135m-instruct")
 BUILTIN_SOURCE = f"pypi:{BUILTIN_PACKAGE}"
@@ -47,3 +48,13 @@ def card_for(model_id: str) -> ModelCard:
     if card is None:
         raise UnknownModelError(model_id)
     return card
+
+
+def card_in(state: State, model_id: ModelId) -> ModelCard | None:
+    """A model's card: built in, or added to the cluster from the hub."""
+    return KNOWN_CARDS.get(model_id) or state.models.get(model_id)
+
+
+def cards_in(state: State) -> list[ModelCard]:
+    added = [card for model_id, card in state.models.items() if model_id not in KNOWN_CARDS]
+    return [*KNOWN_CARDS.values(), *added]

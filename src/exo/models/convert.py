@@ -66,15 +66,10 @@ def convert_gguf(
     hparams = read_hyperparameters(gguf)
     tensors = list(hf_tensors(gguf, hparams))
     total = sum(tensor.nbytes for _, tensor in tensors)
-    progress = _Throttled(on_progress, total)
+    progress = ThrottledProgress(on_progress, total)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    needed, free = total + _SPACE_SLACK_BYTES, shutil.disk_usage(out_dir.parent).free
-    if free < needed:
-        raise NotEnoughDiskSpace(
-            f"not enough disk space to prepare {out_dir.name} in {out_dir.parent}: it needs "
-            f"{_megabytes(needed)}, {_megabytes(free)} free"
-        )
+    require_free_space(out_dir, total)
     staging = out_dir.parent / f"{staging_prefix(out_dir)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
@@ -90,11 +85,21 @@ def convert_gguf(
             tensor_bytes=total,
         )
         (staging / MARKER_NAME).write_text(record.model_dump_json(indent=2))
-        _replace_dir(staging, out_dir)
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     progress.finish()
+
+
+def require_free_space(out_dir: Path, writing: int) -> None:
+    """Raise NotEnoughDiskSpace unless out_dir's disk can take `writing` more bytes (and slack)."""
+    needed, free = writing + _SPACE_SLACK_BYTES, shutil.disk_usage(out_dir.parent).free
+    if free < needed:
+        raise NotEnoughDiskSpace(
+            f"not enough disk space to prepare {out_dir.name} in {out_dir.parent}: it needs "
+            f"{_megabytes(needed)}, {_megabytes(free)} free"
+        )
 
 
 def _megabytes(n: int) -> str:
@@ -148,7 +153,7 @@ def _write_json(path: Path, content: dict[str, object]) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
 
 
-def _replace_dir(staging: Path, out_dir: Path) -> None:
+def replace_dir(staging: Path, out_dir: Path) -> None:
     if out_dir.exists():
         # Move the stale directory aside first so out_dir is never half-deleted.
         discarded = staging.with_name(staging.name + "-discarded")
@@ -157,7 +162,7 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
     staging.rename(out_dir)
 
 
-class _Throttled:
+class ThrottledProgress:
     """Reports (done, total) at most _PROGRESS_STEPS + 1 times."""
 
     def __init__(self, callback: ProgressCallback | None, total: int) -> None:

@@ -6,9 +6,13 @@ from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from pathlib import Path
 
+from exo.config import DEFAULT_HF_ENDPOINT
 from exo.models.builtin import builtin_gguf_path
-from exo.models.cards import BUILTIN_SOURCE, card_for
+from exo.models.cards import BUILTIN_SOURCE, KNOWN_CARDS, UnknownModelError
 from exo.models.convert import ProgressCallback, convert_gguf, read_record, staging_prefix
+from exo.models.download import download_model
+from exo.models.hub import HubClient, HubSource
+from exo.shared.types.ids import ModelId
 from exo.shared.types.models import ModelCard
 
 # Where each card source's GGUF comes from.
@@ -20,37 +24,67 @@ class UnsupportedModelSourceError(RuntimeError):
 
 
 class ModelStore:
-    """Rooted at a directory (the daemon uses `<cache dir>/models`)."""
+    """Rooted at a directory (the daemon uses `<cache dir>/models`).
 
-    def __init__(self, root: Path) -> None:
+    `card_for` looks a model up: the built-in cards by default; the daemon adds the cards in
+    the cluster's state (models added from the hub). Hub models come from `hub_endpoint`.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        card_for: Callable[[ModelId], ModelCard | None] = KNOWN_CARDS.get,
+        hub_endpoint: str = DEFAULT_HF_ENDPOINT,
+        hub_token: str | None = None,
+    ) -> None:
         self.root = root
+        self._card_for = card_for
+        self._hub_endpoint = hub_endpoint
+        self._hub_token = hub_token
 
     def card(self, model_id: str) -> ModelCard:
         """Raises UnknownModelError for an id no card describes."""
-        return card_for(model_id)
+        card = self._card_for(ModelId(model_id))
+        if card is None:
+            raise UnknownModelError(model_id)
+        return card
 
     def path_for(self, model_id: str) -> Path:
-        return self.root / self.card(model_id).model_id
+        # A hub id's "/" would make a nested directory: "owner--name", as the hub's cache does.
+        return self.root / self.card(model_id).model_id.replace("/", "--")
 
     def is_ready(self, model_id: str) -> bool:
-        return read_record(self.path_for(model_id)) is not None
+        return self._is_current(self.path_for(model_id), self.card(model_id))
+
+    @staticmethod
+    def _is_current(path: Path, card: ModelCard) -> bool:
+        """Prepared, and for a hub model at the card's commit (a re-added model moves it)."""
+        record = read_record(path)
+        if record is None:
+            return False
+        return HubSource.parse(card.source) is None or record.source_file == card.source
 
     def ensure(self, model_id: str, on_progress: ProgressCallback | None = None) -> Path:
         """The model's directory, converting it first if needed. Blocks; safe across processes."""
-        path = self.path_for(model_id)
-        if read_record(path) is not None:
+        path, card = self.path_for(model_id), self.card(model_id)
+        if self._is_current(path, card):
             return path
-        source = _GGUF_SOURCES.get(self.card(model_id).source)
-        if source is None:
+        gguf = _GGUF_SOURCES.get(card.source)
+        hub = HubSource.parse(card.source)
+        if gguf is None and hub is None:
             raise UnsupportedModelSourceError(
-                f"{model_id}: no way to fetch weights from {self.card(model_id).source}"
+                f"{model_id}: no way to fetch weights from {card.source}"
             )
         with self._lock(path):
             # Another process may have finished while we waited for the lock.
-            if read_record(path) is not None:
+            if self._is_current(path, card):
                 return path
             self._discard_partial(path)
-            convert_gguf(source(), path, on_progress)
+            if hub is not None:
+                with HubClient(self._hub_endpoint, self._hub_token) as client:
+                    download_model(client, hub, path, on_progress)
+            elif gguf is not None:
+                convert_gguf(gguf(), path, on_progress)
         return path
 
     @contextmanager

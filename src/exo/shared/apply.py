@@ -16,6 +16,7 @@ from exo.shared.types.events import (
     MemberJoined,
     MemberLeft,
     MemberTimedOut,
+    ModelAdded,
     ModelStoreProgress,
     NodeStarted,
     RunnerEndpointReported,
@@ -109,6 +110,8 @@ def _apply_event(state: State, event: Event) -> State:
             if task_id not in state.tasks:
                 return state
             return _drop_failed_tasks(state, {task_id})
+        case ModelAdded(card=card):
+            return state.model_copy(update={"models": {**state.models, card.model_id: card}})
         case ModelStoreProgress():
             key = f"{event.node_id}/{event.model_id}"
             return state.model_copy(update={"model_progress": {**state.model_progress, key: event}})

@@ -9,6 +9,7 @@ from anyio.abc import TaskGroup
 from loguru import logger
 
 from exo.models.convert import NotEnoughDiskSpace
+from exo.models.hub import HubError
 from exo.models.progress import ConsoleProgress
 from exo.routing.router import Router
 from exo.shared.types.events import (
@@ -144,8 +145,9 @@ class Worker:
         try:
             model_dir = await self._prepare_model(action.model_id)
         except Exception as exc:
-            # Out of disk space is told in a line; anything else comes with its trace.
-            trace = not isinstance(exc, NotEnoughDiskSpace)
+            # Out of disk space and hub failures are told in a line; anything else comes with
+            # its trace.
+            trace = not isinstance(exc, NotEnoughDiskSpace | HubError)
             logger.opt(exception=trace).error(f"could not prepare {action.model_id}: {exc}")
             await self._emitter.emit(
                 RunnerStatusChanged(

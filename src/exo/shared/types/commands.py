@@ -8,6 +8,7 @@ from exo.shared.types.base import Frozen
 from exo.shared.types.chat import ChatParams
 from exo.shared.types.ids import CommandId, InstanceId, ModelId, NodeId, TaskId
 from exo.shared.types.instances import EngineName
+from exo.shared.types.models import ModelCard
 
 
 class PinnedStage(Frozen):
@@ -60,8 +61,15 @@ class CancelTask(Frozen):
     reason: str
 
 
+class AddModel(Frozen):
+    """Put a model's card (read from the hub by the API's node) in the cluster's catalogue."""
+
+    kind: Literal["add_model"] = "add_model"
+    card: ModelCard
+
+
 Command = Annotated[
-    PlaceInstance | DeleteInstance | CreateTask | CancelTask,
+    PlaceInstance | DeleteInstance | CreateTask | CancelTask | AddModel,
     Field(discriminator="kind"),
 ]
 

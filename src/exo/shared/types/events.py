@@ -9,6 +9,7 @@ from exo.shared.types.chat import FinishReason
 from exo.shared.types.commands import CommandReply
 from exo.shared.types.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import Instance
+from exo.shared.types.models import ModelCard
 from exo.shared.types.runners import RunnerEndpoint, RunnerStatus
 from exo.shared.types.tasks import Task
 from exo.shared.types.telemetry import DeviceMetrics, DeviceSpec, LinkProfile
@@ -88,6 +89,13 @@ class TaskCancelled(Frozen):
     kind: Literal["task_cancelled"] = "task_cancelled"
     task_id: TaskId
     reason: str
+
+
+class ModelAdded(Frozen):
+    """A model from the hub joined the catalogue (or its card moved to a newer commit)."""
+
+    kind: Literal["model_added"] = "model_added"
+    card: ModelCard
 
 
 class ModelStoreProgress(Frozen):
@@ -182,6 +190,7 @@ Event = Annotated[
     | TaskFinished
     | TaskFailed
     | TaskCancelled
+    | ModelAdded
     | ModelStoreProgress
     | DeviceInventoryReported
     | DeviceMetricsReported

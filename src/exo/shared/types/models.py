@@ -7,13 +7,16 @@ from pydantic import Field
 from exo.shared.types.base import Frozen
 from exo.shared.types.ids import ModelId
 
+# The transformers `model_type`s both engines run (exo.models.architecture).
+ModelFamily = Literal["llama", "mistral", "qwen2", "qwen3"]
+
 
 class ModelCard(Frozen):
     """Everything placement and the API need about one model, without loading it."""
 
     model_id: ModelId
     display_name: str
-    architecture: Literal["llama"]
+    architecture: ModelFamily
     n_layers: int = Field(gt=0)
     hidden_size: int = Field(gt=0)
     vocab_size: int = Field(gt=0)

