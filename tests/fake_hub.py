@@ -3,7 +3,7 @@
 Serves repositories made of local files, as the hub does: the revision API, the paged tree
 listing (LFS entries with sha256 for safetensors, git blob ids for the rest), and
 `resolve` with redirects to a "CDN" path and byte ranges. Knobs make it misbehave: cut a
-transfer short, flip a byte, demand a token. Every request is recorded.
+transfer short, answer 503, flip a byte, demand a token. Every request is recorded.
 """
 
 import hashlib
@@ -46,8 +46,11 @@ class FakeHub:
     repos: dict[str, FakeRepo] = field(default_factory=dict[str, FakeRepo])
     # Tree listing page size (None: one page).
     page_size: int | None = None
-    # path -> bytes after which the next transfers of that file stop (one count per transfer).
-    cut: dict[str, list[int]] = field(default_factory=dict[str, list[int]])
+    # path -> how the next transfers of that file go, one entry each: ("cut", n) stops
+    # after byte n of the file, ("status", code) answers that status instead.
+    script: dict[str, list[tuple[str, int]]] = field(
+        default_factory=dict[str, list[tuple[str, int]]]
+    )
     # Files served with their last byte flipped.
     corrupt: set[str] = field(default_factory=set[str])
     requests: list[tuple[str, str | None]] = field(default_factory=list[tuple[str, str | None]])
@@ -150,10 +153,13 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 end = min(int(last) + 1 if last else len(content), len(content))
                 headers["content-range"] = f"bytes {start}-{end - 1}/{len(content)}"
                 content, status = content[start:end], 206
-            cuts = hub.cut.get(file)
-            if cuts:
-                keep = max(0, cuts.pop(0) - start)
-                self._send(status, content, headers, stop_after=keep)
+            planned = hub.script.get(file)
+            if planned:
+                how, n = planned.pop(0)
+                if how == "status":
+                    self._send(n, b"busy")
+                else:
+                    self._send(status, content, headers, stop_after=max(0, n - start))
                 return
             self._send(status, content, headers)
 

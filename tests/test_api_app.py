@@ -313,11 +313,11 @@ class ScriptedBackend:
         runner = self._state.instances[instance_id].shards[0].runner_id
         self.emit(RunnerStatusChanged(runner_id=runner, status=RunnerFailed(reason=reason)))
 
-    def _instance(self) -> Instance:
+    def _instance(self, model_id: ModelId = MODEL) -> Instance:
         self._next_id += 1
         return Instance(
             instance_id=InstanceId(f"inst-{self._next_id}"),
-            model_id=MODEL,
+            model_id=model_id,
             shards=(
                 ShardAssignment(
                     runner_id=RunnerId(f"run-{self._next_id}"),
@@ -343,7 +343,7 @@ class ScriptedBackend:
     def _place(self, command_id: CommandId, command: PlaceInstance) -> CommandReply:
         if self.model_card(command.model_id) is None:
             return CommandRejected(command_id=command_id, code="unknown_model", message="unknown")
-        instance = self._instance()
+        instance = self._instance(command.model_id)
         reply = self._accepted(command_id, instance.instance_id, InstanceCreated(instance=instance))
 
         async def load() -> None:
@@ -1034,6 +1034,22 @@ async def test_adding_a_hub_model_puts_its_card_in_the_catalogue() -> None:
     assert "org/tiny-chat" in [m["id"] for m in listed["data"]]
     assert one.status_code == 200
     assert [c for c in backend.commands if isinstance(c, AddModel)] == [AddModel(card=HUB_CARD)] * 2
+
+
+async def test_a_chat_naming_a_hub_repository_adds_it_and_answers() -> None:
+    backend = ScriptedBackend(hub={"org/tiny-chat": HUB_CARD})
+    async with serving(backend) as client:
+        answered = await client.post("/v1/chat/completions", json=chat(model="org/tiny-chat"))
+        missing = await client.post("/v1/chat/completions", json=chat(model="org/missing"))
+        preview = await client.get("/placement/preview", params={"model": "org/other"})
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["model"] == "org/tiny-chat"
+    assert isinstance(backend.commands[0], AddModel)
+    assert isinstance(backend.commands[1], PlaceInstance)
+    assert "on the hub" in assert_openai_error(missing, 404, "model_not_found")["message"]
+    # A preview reads a hub model without adding it.
+    assert_openai_error(preview, 404, "model_not_found")
+    assert sum(isinstance(c, AddModel) for c in backend.commands) == 1
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
-"""A model added from the hub, end to end: the real daemon reads its card from a hub on
-loopback (tests/fake_hub.py), downloads it when placed, and serves it to the `openai` client."""
+"""A model from the hub, end to end: the real daemon, started with a repository id, reads its
+card from a hub on loopback (tests/fake_hub.py), adds it to the cluster, downloads it when
+placed, and serves it to the `openai` client."""
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,18 +29,31 @@ def hub(shared_models: Path) -> Iterator[FakeHub]:
         yield hub
 
 
-def test_a_hub_model_is_added_downloaded_and_served(
+def test_a_hub_model_named_at_start_is_added_downloaded_and_served(
     tmp_path: Path, shared_models: Path, hub: FakeHub
 ) -> None:
     # Its own store: the download must happen here (the built-in model is linked in).
-    node = Daemon(tmp_path / "node", None, "--hf-endpoint", hub.url)
+    node = Daemon(tmp_path / "node", None, "--hf-endpoint", hub.url, "--model", REPO)
     store = tmp_path / "node" / "cache" / "models"
     store.mkdir(parents=True)
     (store / BUILTIN).symlink_to(shared_models / BUILTIN, target_is_directory=True)
     node.start()
     try:
+        # `--model` adds the repository and places it, with no request from us.
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:
+            state = node.get("/state")["state"]
+            if REPO in state["models"] and any(
+                i["model_id"] == REPO for i in state["instances"].values()
+            ):
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError(f"{REPO} was not added and placed at start:\n{node.output()}")
+        node.wait_ready(REPO)
+        # Added again by hand (the same commit): nothing changes.
         added = httpx.post(f"{node.url}/models", json={"repo": REPO}, timeout=60.0)
-        assert added.status_code == 201, added.text
+        assert added.status_code == 200, added.text
         assert added.json()["model_id"] == REPO
         client = openai.OpenAI(
             base_url=f"{node.url}/v1", api_key="unused", timeout=300.0, max_retries=0
@@ -61,8 +76,5 @@ def test_a_hub_model_is_added_downloaded_and_served(
         assert progress["complete"]
         assert progress["done_bytes"] == progress["total_bytes"] == served
         assert (store / "exo-test--smollm2-copy" / "model.safetensors").is_file()
-        # Added twice (the same commit): nothing changes.
-        again = httpx.post(f"{node.url}/models", json={"repo": REPO}, timeout=60.0)
-        assert again.status_code == 200
     finally:
         node.stop()

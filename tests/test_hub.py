@@ -2,6 +2,7 @@
 (tests/fake_hub.py) and serves the built-in model's converted files as a repository."""
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,26 +98,35 @@ def test_a_download_lands_whole_and_only_once(tmp_path: Path, hub: FakeHub) -> N
 
 def test_a_broken_transfer_resumes_where_it_stopped(tmp_path: Path, hub: FakeHub) -> None:
     card = _card(hub)
-    hub.cut["model.safetensors"] = [10_000_000]
+    # Three breaks in a row, each after some progress: resumed at once each time.
+    hub.script["model.safetensors"] = [("cut", n) for n in (10_000_000, 20_000_000, 30_000_000)]
     path = _store(tmp_path, hub, card).ensure(card.model_id)
     weights = hub.repos[REPO].files["model.safetensors"]
     assert (path / "model.safetensors").read_bytes() == weights
-    resumed = hub.ranges("model.safetensors")[-1]
-    assert resumed is not None
-    assert 0 < int(resumed.removeprefix("bytes=").removesuffix("-")) <= 10_000_000
+    asked = hub.ranges("model.safetensors")
+    assert asked[-4] is None  # the first transfer, then three resumes
+    starts = [int(r.removeprefix("bytes=").removesuffix("-")) for r in asked[-3:] if r]
+    assert len(starts) == 3
+    assert 0 < starts[0] <= 10_000_000 < starts[1] <= 20_000_000 < starts[2] <= 30_000_000
 
 
-def test_a_download_resumes_after_the_node_gave_up(tmp_path: Path, hub: FakeHub) -> None:
-    """Every try of one run breaks (network down): the part file stays for the next run."""
+def test_a_download_resumes_after_the_node_gave_up(
+    tmp_path: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transfer breaks, then the hub stays down: the node gives up after its waits, and the
+    part file stays for the next run."""
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
     card = _card(hub)
-    hub.cut["model.safetensors"] = [3_000_000 * (i + 1) for i in range(5)]
-    with pytest.raises(HubError, match=r"model\.safetensors"):
+    hub.script["model.safetensors"] = [("cut", 15_000_000)] + [("status", 503)] * 5
+    with pytest.raises(HubError, match=r"model\.safetensors: the hub answered 503"):
         _store(tmp_path, hub, card).ensure(card.model_id)
+    assert waits == [1.0, 2.0, 4.0, 8.0]
     source = HubSource.parse(card.source)
     assert source is not None
     part = download_dir(tmp_path / "exo-test--smollm2-copy", source) / "model.safetensors.part"
     kept = part.stat().st_size
-    assert 12_000_000 < kept <= 15_000_000
+    assert 0 < kept <= 15_000_000
     # The next start of the node (a new store) fetches only the rest.
     path = _store(tmp_path, hub, card).ensure(card.model_id)
     assert hub.ranges("model.safetensors")[-1] == f"bytes={kept}-"

@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=os.environ.get("EXO_MODEL"),
-        help="place this model at start-up, e.g. smollm2-135m-instruct (env EXO_MODEL)",
+        help="place this model at start-up, e.g. smollm2-135m-instruct, or a hub repository "
+        "id (owner/name), added to the cluster first (env EXO_MODEL)",
     )
     p.add_argument(
         "--hf-endpoint",

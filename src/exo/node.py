@@ -31,8 +31,8 @@ from exo.config import NodeConfig
 from exo.identity import load_or_create_node_id
 from exo.master.decide import DecideContext, Decision, Rejection, decide
 from exo.models.cards import card_in, cards_in
-from exo.models.describe import describe
-from exo.models.hub import HubClient
+from exo.models.describe import UnsupportedModel, describe
+from exo.models.hub import HubClient, HubError, check_repo_id
 from exo.models.store import ModelStore
 from exo.routing.consensus import ConsensusConfig
 from exo.routing.discovery import DiscoveredPeer, Discovery, parse_peer
@@ -42,6 +42,7 @@ from exo.routing.streams import StreamHub
 from exo.shared.listen import listen_tcp
 from exo.shared.types.cluster import ClusterStatus
 from exo.shared.types.commands import (
+    AddModel,
     Command,
     CommandEnvelope,
     CommandRejected,
@@ -294,9 +295,20 @@ class Node:
             )
 
     async def _preload(self) -> None:
-        if self._config.preload_model is None:
+        model = self._config.preload_model
+        if model is None:
             return
-        reply = await self.send_command(PlaceInstance(model_id=ModelId(self._config.preload_model)))
+        if self.model_card(ModelId(model)) is None and _is_repo_id(model):
+            try:
+                card = await self.describe_hub_model(model, "main")
+            except (HubError, UnsupportedModel) as e:
+                logger.error(f"could not add {model} from the hub: {e}")
+                return
+            added = await self.send_command(AddModel(card=card))
+            if added.kind == "rejected":
+                logger.error(f"could not add {model}: {added.message}")
+                return
+        reply = await self.send_command(PlaceInstance(model_id=ModelId(model)))
         if reply.kind == "rejected":
             logger.error(f"could not place {self._config.preload_model}: {reply.message}")
         else:
@@ -384,3 +396,11 @@ def _default_engine(flag: str | None) -> EngineName:
         return flag
     # An NVIDIA driver exposes /dev/nvidiactl; no need to import torch to find out.
     return default_engine(sys.platform, Path("/dev/nvidiactl").exists(), platform.machine())
+
+
+def _is_repo_id(model: str) -> bool:
+    try:
+        check_repo_id(model)
+    except ValueError:
+        return False
+    return True

@@ -190,9 +190,7 @@ def create_app(
     )
     async def chat_completions(request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
         chat = await _parse_body(request, ChatCompletionRequest, settings.max_request_bytes)
-        card = backend.model_card(ModelId(chat.model))
-        if card is None:
-            raise model_not_found(chat.model)
+        card = await _card_or_hub(backend, settings, chat.model)
         params = chat_params(chat, card, settings.default_max_tokens)
         task_id = new_task_id()
         created = int(time.time())
@@ -244,10 +242,9 @@ def create_app(
     )
     async def add_model(request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
         body = await _parse_body(request, AddModelRequest, settings.max_request_bytes)
-        card = await _describe(backend, body.repo, body.revision)
+        card = await _describe(backend, body.repo, body.revision, "repo")
         known = backend.model_card(card.model_id)
-        accepted = await send_command(backend, AddModel(card=card), settings)
-        await wait_applied(backend, accepted.last_index, settings)
+        await _add(backend, settings, card)
         status = 200 if known == card else 201
         return JSONResponse(card.model_dump(mode="json"), status_code=status)
 
@@ -277,9 +274,8 @@ def create_app(
         model: str = Query(min_length=1),
         context: int | None = Query(default=None, ge=1),
     ) -> Response:
-        card = backend.model_card(ModelId(model))
-        if card is None:
-            raise model_not_found(model)
+        # A GET changes nothing: a hub model not added yet is read, not added.
+        card = await _card_or_hub(backend, settings, model, add=False)
         if context is not None and context > card.context_length:
             raise above_context("context", context, card.model_id, card.context_length)
         result = await anyio.to_thread.run_sync(preview_for_state, card, backend.state(), context)
@@ -340,9 +336,7 @@ def create_app(
     )
     async def place_instance(request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
         body = await _parse_body(request, PlaceInstanceRequest, settings.max_request_bytes)
-        model_id = ModelId(body.model)
-        if backend.model_card(model_id) is None:
-            raise model_not_found(body.model)
+        model_id = (await _card_or_hub(backend, settings, body.model)).model_id
         stages = (
             None
             if body.stages is None
@@ -398,20 +392,48 @@ def create_app(
     return app
 
 
-async def _describe(backend: ApiBackend, repo: str, revision: str) -> ModelCard:
+async def _card_or_hub(
+    backend: ApiBackend, settings: ApiSettings, model: str, add: bool = True
+) -> ModelCard:
+    """The model's card; a hub repository id (`owner/name`) the cluster does not know yet is
+    read from the hub and added, as `POST /models` would (any OpenAI client can name one)."""
+    card = backend.model_card(ModelId(model))
+    if card is not None:
+        return card
+    try:
+        check_repo_id(model)
+    except ValueError:
+        raise model_not_found(model) from None
+    card = await _describe(backend, model, "main", "model")
+    if add:
+        await _add(backend, settings, card)
+    return card
+
+
+async def _add(backend: ApiBackend, settings: ApiSettings, card: ModelCard) -> None:
+    accepted = await send_command(backend, AddModel(card=card), settings)
+    await wait_applied(backend, accepted.last_index, settings)
+
+
+async def _describe(backend: ApiBackend, repo: str, revision: str, param: str) -> ModelCard:
     """The hub repository's card, or the ApiError that says why there is none."""
     try:
         check_repo_id(repo)
     except ValueError as e:
-        raise ApiError(400, f"{e}.", code="invalid_value", param="repo") from None
+        raise ApiError(400, f"{e}.", code="invalid_value", param=param) from None
     try:
         return await backend.describe_hub_model(repo, revision)
     except HubNotFound as e:
-        raise ApiError(404, f"{e}.", code="model_not_found", param="repo") from None
+        raise ApiError(
+            404,
+            f"The model '{repo}' is neither one this cluster serves nor on the hub ({e}).",
+            code="model_not_found",
+            param=param,
+        ) from None
     except HubDenied as e:
-        raise ApiError(403, f"{e}.", code="hub_denied", param="repo") from None
+        raise ApiError(403, f"{e}.", code="hub_denied", param=param) from None
     except UnsupportedModel as e:
-        raise ApiError(400, f"{e}.", code="unsupported_model", param="repo") from None
+        raise ApiError(400, f"{e}.", code="unsupported_model", param=param) from None
     except HubError as e:
         raise ApiError(502, f"{e}.", code="hub_unavailable") from None
 

@@ -8,11 +8,14 @@ speaks them works, `HF_ENDPOINT` style, and tests run against a server on loopba
 - `GET /{repo}/resolve/{commit}/{path}`: a file's bytes (redirects to a CDN), with `Range`.
 
 Downloads go to `<dest>.part` and resume from its length; a file is kept only once its size
-and digest (sha256 for LFS files, the git blob sha1 for the rest) match the listing.
+and digest (sha256 for LFS files, the git blob sha1 for the rest) match the listing. A broken
+transfer is resumed at once while it makes progress; one that gets nowhere is tried again
+after 1, 2, 4 and 8 s, then given up (the part file stays for the next try).
 """
 
 import hashlib
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from exo.config import DEFAULT_HF_ENDPOINT
 
 _CHUNK_BYTES = 1024 * 1024
-# Attempts per file; each one resumes where the last stopped.
-_ATTEMPTS = 5
+# Waits before each new try of a file whose last try fetched nothing (then it fails);
+# a try that fetched something is followed by another at once, resuming.
+_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0)
 # The hub's own rule for names: letters, digits, "-", "_", "." (no leading "." or "-").
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -175,20 +179,26 @@ class HubClient:
     ) -> None:
         """Fetch `file` to `dest`, resuming `<dest>.part`; on_bytes(n) for each new chunk.
 
-        Retries a broken transfer (resuming) up to _ATTEMPTS times; raises HubCorrupt when the
-        finished file does not match the listing (the part file is removed first)."""
+        Raises HubError when tries stop getting anywhere (the part file stays), HubCorrupt
+        when the finished file does not match the listing (the part file is removed)."""
         part = dest.with_name(dest.name + ".part")
         url = self._file_url(repo, commit, file.path)
-        error: Exception | None = None
-        for _ in range(_ATTEMPTS):
+        waits = iter(_RETRY_WAITS_S)
+        while True:
+            before = part.stat().st_size if part.exists() else 0
             try:
                 self._fetch_into(url, file, part, on_bytes)
-                error = None
                 break
-            except (httpx.TransportError, _Truncated) as e:
-                error = e
-        if error is not None:
-            raise HubError(f"downloading {repo}/{file.path}: {error}") from error
+            except (httpx.TransportError, _Retryable) as e:
+                progressed = (part.stat().st_size if part.exists() else 0) > before
+                # A transfer that moved on is tried again at once; one that got nowhere
+                # (hub down, network gone) waits longer each time, then gives up.
+                if progressed:
+                    continue
+                wait = next(waits, None)
+                if wait is None:
+                    raise HubError(f"downloading {repo}/{file.path}: {e}") from e
+                time.sleep(wait)
         _verify(part, file)
         part.rename(dest)
 
@@ -205,9 +215,12 @@ class HubClient:
             part.unlink()
             have = 0
         if have == file.size:
+            part.touch()  # an empty file has nothing to fetch
             return
         headers = {"range": f"bytes={have}-"} if have else {}
         with self._client.stream("GET", url, headers=headers) as response:
+            if response.status_code == 429 or response.status_code >= 500:
+                raise _Retryable(f"the hub answered {response.status_code}")
             _raise_for(response, url)
             if response.status_code != 206:
                 # Not a partial answer: the whole file comes again.
@@ -220,7 +233,7 @@ class HubClient:
                     have += len(chunk)
                     on_bytes(len(chunk))
         if have < file.size:
-            raise _Truncated(f"connection ended at {have} of {file.size} bytes")
+            raise _Retryable(f"connection ended at {have} of {file.size} bytes")
 
     def _get(self, url: str, what: str, headers: dict[str, str] | None = None) -> httpx.Response:
         try:
@@ -231,8 +244,8 @@ class HubClient:
         return response
 
 
-class _Truncated(Exception):
-    """A transfer that ended before the file did."""
+class _Retryable(Exception):
+    """A transfer that ended before the file did, or a hub too busy to answer."""
 
 
 def _raise_for(response: httpx.Response, what: str) -> None:
