@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +25,7 @@ from exo.worker.engines.torch.engine import TorchEngine, TorchRequest
 from exo.worker.engines.torch.llama import rope_frequencies
 from exo.worker.engines.torch.quant import (
     AffineWeight,
+    DenseLinear,
     Int4Linear,
     QmmLinear,
     QuantizedEmbedding,
@@ -80,22 +82,28 @@ def _random_affine(out: int, n_in: int, bits: int, seed: int) -> AffineWeight:
     return AffineWeight(q, scales, biases, bits, 32)
 
 
-def _pack_mlx(weight: AffineWeight) -> torch.Tensor:
-    """The inverse of unpack_mlx: uint32 words, value j in bits [j*b, (j+1)*b)."""
-    per_word = 32 // weight.bits
-    values = weight.q.to(torch.int64).view(weight.shape[0], -1, per_word)
-    shifts = torch.arange(0, 32, weight.bits, dtype=torch.int64)
-    words = (values << shifts).sum(-1)
-    return words.to(torch.int32).view(torch.uint32)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_mlx_layout_unpacks_every_width_mlx_writes(bits: int) -> None:
+    """MLX itself packs (3-, 5- and 6-bit values cross word boundaries) and dequantizes."""
+    import mlx.core as mx
 
+    def host(a: mx.array) -> torch.Tensor:
+        return torch.from_numpy(np.array(a))  # pyright: ignore[reportUnknownMemberType]
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_mlx_layout_round_trips(bits: int) -> None:
-    weight = _random_affine(16, 64, bits, seed=bits)
-    unpacked = unpack_mlx(_pack_mlx(weight), weight.scales.half(), weight.biases.half(), 32)
-    assert unpacked.bits == bits
-    assert torch.equal(unpacked.q, weight.q)
-    assert torch.equal(unpacked.dequantize(), weight.dequantize())
+    dense = mx.random.normal((48, 256), key=mx.random.key(bits))
+    packed, scales, biases = mx.quantize(dense, group_size=32, bits=bits)
+    expected = host(mx.dequantize(packed, scales, biases, group_size=32, bits=bits))
+    weight = unpack_mlx(host(packed), host(scales), host(biases), 32)
+    assert weight.bits == bits
+    assert int(weight.q.max()) < 1 << bits
+    assert torch.allclose(weight.dequantize(), expected, rtol=0, atol=1e-6)
+    # On CPU the kernels take it as the same values in 8 bits: exact, no dense fallback.
+    layer = make_linear(weight, None, "int4", torch.device("cpu"))
+    assert not isinstance(layer, DenseLinear)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(bits))
+    reference = x @ weight.dequantize().T
+    got = layer(x).float()
+    assert float((got - reference).abs().max()) < 2e-2 * float(reference.abs().max())
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -16,7 +16,7 @@ Every format below is built from that one intermediate (`AffineWeight`):
   float16 (CUDA).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
@@ -91,25 +91,30 @@ class AffineWeight:
 
 
 def unpack_mlx(packed: Tensor, scales: Tensor, biases: Tensor, group_size: int) -> AffineWeight:
-    """MLX affine layout (uint32 words, value j of a word in bits [j*b, (j+1)*b)) -> AffineWeight."""
+    """MLX affine layout -> AffineWeight.
+
+    MLX packs each row's values as one little-endian bit stream (value j in bits
+    [j*b, (j+1)*b)) stored in uint32 words, for every width 2-8: 3-, 5- and 6-bit values
+    cross byte and word boundaries. A value of at most 8 bits spans at most two bytes, so each
+    is read from the 16 bits at its first byte."""
     out = packed.shape[0]
     n_in = scales.shape[1] * group_size
     bits = packed.shape[1] * 32 // n_in
-    if bits not in (2, 4, 8):
-        # MLX's 3-, 5- and 6-bit layouts cross word boundaries; no checkpoint we serve
-        # uses them yet.
+    if bits not in range(2, 9) or packed.shape[1] * 32 != n_in * bits:
         raise NotImplementedError(
-            f"{bits}-bit affine weights are not supported (2, 4, 8 are; MLX's 3-, 5- and "
-            "6-bit layouts wait for a checkpoint that needs them)"
+            f"{packed.shape[1] * 32 / n_in:g}-bit affine weights are not supported "
+            "(MLX's 2- to 8-bit layouts are)"
         )
-    per_word = 32 // bits
-    words = packed.view(torch.int32)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
-    q = torch.empty((out, packed.shape[1] * per_word), dtype=torch.uint8)
+    offsets = torch.arange(n_in, dtype=torch.int64) * bits
+    first, shifts = offsets // 8, (offsets % 8).to(torch.int32)
+    raw = packed.view(torch.uint8)
+    q = torch.empty((out, n_in), dtype=torch.uint8)
     # Row blocks keep the int32 scratch small (a vocabulary-sized table is 28M values).
     for row in range(0, out, _ROWS_PER_BLOCK):
-        block = words[row : row + _ROWS_PER_BLOCK, :, None]
-        q[row : row + _ROWS_PER_BLOCK] = ((block >> shifts) & ((1 << bits) - 1)).flatten(1)
+        # One zero byte past the end: the last value's second byte.
+        block = F.pad(raw[row : row + _ROWS_PER_BLOCK], (0, 1)).to(torch.int32)
+        pairs = block[:, first] | (block[:, first + 1] << 8)
+        q[row : row + _ROWS_PER_BLOCK] = ((pairs >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
     return AffineWeight(
         q=q,
         scales=scales.float(),
@@ -335,12 +340,15 @@ def make_linear(
         if device.type != "cpu":
             raise ValueError("the int4 format runs on CPU only")
         affine = weight if isinstance(weight, AffineWeight) else quantize_affine(weight, 4, 32)
+        if affine.bits not in (4, 8):
+            # 2-, 3-, 5- and 6-bit values are 8-bit values below 2**bits: the same weight,
+            # exactly, in a width the kernels take (a byte each in memory).
+            affine = replace(affine, bits=8)
         if QmmLinear.fits(affine) and cpu_ops.available():
             return QmmLinear.from_affine(affine, bias)
         fits = affine.shape[0] % _INT4_ROW_MULTIPLE == 0 and affine.group_size in INT4_GROUP_SIZES
-        if affine.bits in (4, 8) and fits:
+        if fits:
             return Int4Linear.from_affine(affine, bias)
-        # Other bit widths: dense bf16 keeps the activations' dtype uniform.
         fmt = "bfloat16"
     dtype = DENSE_DTYPES[fmt]
     dense = weight.dequantize() if isinstance(weight, AffineWeight) else weight
