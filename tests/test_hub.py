@@ -11,7 +11,6 @@ import pytest
 from exo.models.cards import SMOLLM2_135M_INSTRUCT
 from exo.models.convert import MARKER_NAME
 from exo.models.describe import UnsupportedModel, describe
-from exo.models.download import download_dir
 from exo.models.hub import (
     HubClient,
     HubCorrupt,
@@ -57,6 +56,10 @@ def _card(hub: FakeHub, repo: str = REPO, token: str | None = None) -> ModelCard
         return describe(c, repo)
 
 
+def _ignore(_: float) -> None:
+    pass
+
+
 def _store(root: Path, hub: FakeHub, card: ModelCard) -> ModelStore:
     cards = {card.model_id: card}
     return ModelStore(root, card_for=cards.get, hub_endpoint=hub.url)
@@ -93,7 +96,7 @@ def test_a_download_lands_whole_and_only_once(tmp_path: Path, hub: FakeHub) -> N
     asked = len(hub.requests)
     assert store.ensure(card.model_id) == path
     assert len(hub.requests) == asked  # prepared: no request at all
-    assert not list(tmp_path.glob(".*download*"))
+    assert not list(path.glob("*.part"))
 
 
 def test_a_broken_transfer_resumes_where_it_stopped(tmp_path: Path, hub: FakeHub) -> None:
@@ -122,9 +125,7 @@ def test_a_download_resumes_after_the_node_gave_up(
     with pytest.raises(HubError, match=r"model\.safetensors: the hub answered 503"):
         _store(tmp_path, hub, card).ensure(card.model_id)
     assert waits == [1.0, 2.0, 4.0, 8.0]
-    source = HubSource.parse(card.source)
-    assert source is not None
-    part = download_dir(tmp_path / "exo-test--smollm2-copy", source) / "model.safetensors.part"
+    part = tmp_path / "exo-test--smollm2-copy" / "model.safetensors.part"
     kept = part.stat().st_size
     assert 0 < kept <= 15_000_000
     # The next start of the node (a new store) fetches only the rest.
@@ -216,3 +217,59 @@ def test_a_card_source_parses_back() -> None:
     assert HubSource.parse("hf:org/model@main") is None  # always a pinned commit
     assert HubSource.parse("hf:../x@" + "a" * 40) is None
     assert ModelId("org/model") == source.repo
+
+
+# --- a sharded checkpoint: each stage fetches only its files ------------------------------
+
+
+def _sharded(repo: FakeRepo) -> FakeRepo:
+    """The same weights in three files (layers 0-9 with the embedding, 10-19, 20-29 with
+    the final norm) and an index, as large checkpoints come."""
+    from safetensors.numpy import load, save
+
+    tensors = load(repo.files.pop("model.safetensors"))
+
+    def part_of(name: str) -> int:
+        if name.startswith("model.layers."):
+            return int(name.split(".")[2]) // 10
+        return 0 if name.startswith("model.embed_tokens.") else 2
+
+    names = [f"model-0000{i + 1}-of-00003.safetensors" for i in range(3)]
+    weight_map = {name: names[part_of(name)] for name in tensors}
+    for i, file in enumerate(names):
+        part = {n: t for n, t in tensors.items() if part_of(n) == i}
+        repo.files[file] = save(part, metadata={"format": "mlx"})
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    repo.files["model.safetensors.index.json"] = json.dumps(index).encode()
+    return repo
+
+
+def test_each_stage_fetches_only_the_files_that_hold_its_layers(
+    tmp_path: Path, hub: FakeHub, builtin_dir: Path
+) -> None:
+    from exo.worker.engines.base import ShardSpec
+    from exo.worker.engines.torch.engine import TorchEngine
+
+    hub.repos[REPO] = _sharded(hub.repos[REPO])
+    card = _card(hub)
+    # The card is the same model's, whatever the files.
+    same = {"model_id", "display_name", "source"}
+    assert card.model_dump(exclude=same) == SMOLLM2_135M_INSTRUCT.model_dump(exclude=same)
+    store = _store(tmp_path, hub, card)
+    path = store.ensure(card.model_id, layers=range(0, 15))
+    names = {p.name for p in path.glob("*.safetensors")}
+    assert names == {"model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"}
+    assert store.is_ready(card.model_id, range(0, 15))
+    assert not store.is_ready(card.model_id, range(15, 30))
+    assert not store.is_ready(card.model_id)
+    # The second stage (tied embedding: its head needs the first file too) adds the third.
+    store.ensure(card.model_id, layers=range(15, 30))
+    assert len(list(path.glob("*.safetensors"))) == 3
+    assert store.is_ready(card.model_id)
+    # A stage loads from what its node fetched and computes what the unsharded model does.
+    head = TorchEngine.load(path, ShardSpec(0, 15, 30), _ignore, weights="float32")
+    reference = TorchEngine.load(builtin_dir, ShardSpec(0, 15, 30), _ignore, weights="float32")
+    ids = head.token_input([1, 2, 3])
+    out = head.forward(ids, head.new_request(8, seed=0))
+    expected = reference.forward(ids, reference.new_request(8, seed=0))
+    assert out.shape == expected.shape and bool((out == expected).all())

@@ -42,6 +42,8 @@ class ConversionRecord(Frozen):
     source_file: str
     source_bytes: int
     tensor_bytes: int
+    # The files present, for a model downloaded a stage at a time (None: all of them).
+    files: tuple[str, ...] | None = None
 
 
 def read_record(model_dir: Path) -> ConversionRecord | None:

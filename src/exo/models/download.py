@@ -1,12 +1,20 @@
-"""A hub model into the store: its files at the card's pinned commit, resumable across restarts.
+"""A hub model into the store: the files a stage needs, at the card's pinned commit.
 
-Files land in `.<name>.download-<commit>/` next to the model's directory. That directory is
-kept when a download stops (crash, lost network, full disk), so the next try fetches only
-what is missing, from where each file stopped. The marker is written last, then the
-directory is renamed into place: a model directory with a marker is always complete.
+A node that runs layers [start, end) of a sharded checkpoint fetches only the safetensors
+files holding them (and the embedding, final norm and head where its stage needs those),
+read from `model.safetensors.index.json`; a later stage of another range adds what it
+lacks. Files land in the model's directory as `<file>.part`, resume from their length after
+any interruption (a crash included), and take their real name only once their size and
+digest match the hub's listing. The marker, rewritten atomically after every download,
+lists the files present; the engines read only complete `*.safetensors` files.
 """
 
+import json
+import re
+import shutil
 from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
 
 from exo.models.convert import (
     CONVERSION_FORMAT,
@@ -14,44 +22,134 @@ from exo.models.convert import (
     ConversionRecord,
     ProgressCallback,
     ThrottledProgress,
-    replace_dir,
+    read_record,
     require_free_space,
 )
 from exo.models.describe import wanted_files
-from exo.models.hub import HubClient, HubSource
+from exo.models.hub import HubClient, HubFile, HubSource
+
+INDEX_NAME = "model.safetensors.index.json"
 
 
-def download_dir(out_dir: Path, source: HubSource) -> Path:
-    return out_dir.with_name(f".{out_dir.name}.download-{source.commit[:12]}")
+class _Index(BaseModel):
+    """A sharded checkpoint's index: which file holds each tensor (other keys ignored)."""
+
+    weight_map: dict[str, str]
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def needed_files(
+    files: list[HubFile], weight_map: dict[str, str] | None, n_layers: int, layers: range
+) -> list[HubFile]:
+    """Of a repository's wanted files, those a stage of `layers` reads (all of them for a
+    checkpoint without an index)."""
+    if weight_map is None:
+        return files
+    keep = _weight_files(weight_map, n_layers, layers)
+    return [f for f in files if not f.path.endswith(".safetensors") or f.path in keep]
+
+
+def holds(out_dir: Path, record: ConversionRecord, n_layers: int, layers: range) -> bool:
+    """Whether a downloaded model's directory has every file a stage of `layers` reads."""
+    if record.files is None or INDEX_NAME not in record.files:
+        return True  # complete, or an unsharded checkpoint (whole once downloaded)
+    weight_map = _weight_map(out_dir / INDEX_NAME)
+    return _weight_files(weight_map, n_layers, layers) <= set(record.files)
+
+
+def _weight_files(weight_map: dict[str, str], n_layers: int, layers: range) -> set[str]:
+    first, last = layers.start == 0, layers.stop == n_layers
+    keep: set[str] = set()
+    for tensor, file in weight_map.items():
+        match = _LAYER.match(tensor)
+        if match is not None:
+            needed = int(match.group(1)) in layers
+        elif tensor.startswith("model.embed_tokens."):
+            needed = first or last  # the last stage's head when the embedding is tied
+        else:
+            needed = last  # the final norm and the head
+        if needed:
+            keep.add(file)
+    return keep
 
 
 def download_model(
-    client: HubClient, source: HubSource, out_dir: Path, on_progress: ProgressCallback | None
+    client: HubClient,
+    source: HubSource,
+    out_dir: Path,
+    on_progress: ProgressCallback | None,
+    n_layers: int,
+    layers: range | None = None,
 ) -> None:
+    """Bring `out_dir` to hold what a stage of `layers` (None: every layer) needs."""
+    record = read_record(out_dir)
+    if record is not None and record.source_file != str(source):
+        # Another commit of the model: its files are not this one's.
+        shutil.rmtree(out_dir)
+        record = None
+    out_dir.mkdir(parents=True, exist_ok=True)
     files = wanted_files(client.files(source.repo, source.commit))
-    total = sum(f.size for f in files)
-    staging = download_dir(out_dir, source)
-    staging.mkdir(parents=True, exist_ok=True)
+    by_path = {f.path: f for f in files}
+    weight_map = None
+    if INDEX_NAME in by_path:
+        _fetch(client, source, out_dir, [by_path[INDEX_NAME]], None)  # small: no progress
+        weight_map = _weight_map(out_dir / INDEX_NAME)
+    wanted = needed_files(files, weight_map, n_layers, layers or range(n_layers))
+    present: set[str] = set(record.files or ()) if record is not None else set()
+    _fetch(client, source, out_dir, wanted, on_progress)
+    have = present | {f.path for f in wanted}
+    _write_record(
+        out_dir,
+        ConversionRecord(
+            format=CONVERSION_FORMAT,
+            source_file=str(source),
+            source_bytes=sum(by_path[p].size for p in have if p in by_path),
+            tensor_bytes=sum(by_path[p].size for p in have if p.endswith(".safetensors")),
+            files=tuple(sorted(have)),
+        ),
+    )
 
-    def held(path: Path) -> int:
+
+def _fetch(
+    client: HubClient,
+    source: HubSource,
+    out_dir: Path,
+    files: list[HubFile],
+    on_progress: ProgressCallback | None,
+) -> None:
+    def held(file: HubFile) -> int:
+        path = out_dir / file.path
         part = path.with_name(path.name + ".part")
-        return path.stat().st_size if path.exists() else part.stat().st_size if part.exists() else 0
+        if path.exists():
+            return file.size
+        return part.stat().st_size if part.exists() else 0
 
-    have = sum(held(staging / f.path) for f in files)
+    total = sum(f.size for f in files)
+    have = sum(held(f) for f in files)
     require_free_space(out_dir, total - have)
     progress = ThrottledProgress(on_progress, total)
     progress.advance(have)
     for file in files:
-        dest = staging / file.path
+        dest = out_dir / file.path
         if dest.exists() and dest.stat().st_size == file.size:
             continue  # verified before it was renamed from its part file
         client.download(source.repo, source.commit, file, dest, progress.advance)
-    record = ConversionRecord(
-        format=CONVERSION_FORMAT,
-        source_file=str(source),
-        source_bytes=total,
-        tensor_bytes=sum(f.size for f in files if f.path.endswith(".safetensors")),
-    )
-    (staging / MARKER_NAME).write_text(record.model_dump_json(indent=2))
-    replace_dir(staging, out_dir)
     progress.finish()
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = _Index.model_validate(content).weight_map
+    except (OSError, ValueError, ValidationError) as e:
+        raise ValueError(f"{index.name} is not a safetensors index: {e}") from e
+    return dict(weight_map)
+
+
+def _write_record(out_dir: Path, record: ConversionRecord) -> None:
+    """Replace the marker atomically: a reader sees the old list or the new one."""
+    staging = out_dir / f".{MARKER_NAME}.new"
+    staging.write_text(record.model_dump_json(indent=2))
+    staging.replace(out_dir / MARKER_NAME)

@@ -10,7 +10,7 @@ from exo.config import DEFAULT_HF_ENDPOINT
 from exo.models.builtin import builtin_gguf_path
 from exo.models.cards import BUILTIN_SOURCE, KNOWN_CARDS, UnknownModelError
 from exo.models.convert import ProgressCallback, convert_gguf, read_record, staging_prefix
-from exo.models.download import download_model
+from exo.models.download import download_model, holds
 from exo.models.hub import HubClient, HubSource
 from exo.shared.types.ids import ModelId
 from exo.shared.types.models import ModelCard
@@ -53,21 +53,33 @@ class ModelStore:
         # A hub id's "/" would make a nested directory: "owner--name", as the hub's cache does.
         return self.root / self.card(model_id).model_id.replace("/", "--")
 
-    def is_ready(self, model_id: str) -> bool:
-        return self._is_current(self.path_for(model_id), self.card(model_id))
+    def is_ready(self, model_id: str, layers: range | None = None) -> bool:
+        return self._is_current(self.path_for(model_id), self.card(model_id), layers)
 
     @staticmethod
-    def _is_current(path: Path, card: ModelCard) -> bool:
-        """Prepared, and for a hub model at the card's commit (a re-added model moves it)."""
+    def _is_current(path: Path, card: ModelCard, layers: range | None) -> bool:
+        """Prepared for a stage of `layers` (None: every layer); a hub model at the card's
+        commit (a re-added model moves it) with the files that stage reads."""
         record = read_record(path)
         if record is None:
             return False
-        return HubSource.parse(card.source) is None or record.source_file == card.source
+        if HubSource.parse(card.source) is None:
+            return True
+        every = range(card.n_layers)
+        return record.source_file == card.source and holds(
+            path, record, card.n_layers, layers or every
+        )
 
-    def ensure(self, model_id: str, on_progress: ProgressCallback | None = None) -> Path:
-        """The model's directory, converting it first if needed. Blocks; safe across processes."""
+    def ensure(
+        self,
+        model_id: str,
+        on_progress: ProgressCallback | None = None,
+        layers: range | None = None,
+    ) -> Path:
+        """The model's directory, converting or downloading first if needed: for a hub model,
+        the files a stage of `layers` reads (None: every layer). Blocks; safe across processes."""
         path, card = self.path_for(model_id), self.card(model_id)
-        if self._is_current(path, card):
+        if self._is_current(path, card, layers):
             return path
         gguf = _GGUF_SOURCES.get(card.source)
         hub = HubSource.parse(card.source)
@@ -77,13 +89,14 @@ class ModelStore:
             )
         with self._lock(path):
             # Another process may have finished while we waited for the lock.
-            if self._is_current(path, card):
+            if self._is_current(path, card, layers):
                 return path
-            self._discard_partial(path)
             if hub is not None:
+                # What an interrupted download left is resumed, not discarded.
                 with HubClient(self._hub_endpoint, self._hub_token) as client:
-                    download_model(client, hub, path, on_progress)
+                    download_model(client, hub, path, on_progress, card.n_layers, layers)
             elif gguf is not None:
+                self._discard_partial(path)
                 convert_gguf(gguf(), path, on_progress)
         return path
 

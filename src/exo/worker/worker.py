@@ -38,7 +38,11 @@ _PROGRESS_STEP = 0.1
 
 
 class ModelPreparer(Protocol):
-    def ensure(self, model_id: ModelId, on_progress: "ProgressCallback") -> Path: ...
+    def ensure(
+        self, model_id: ModelId, on_progress: "ProgressCallback", layers: range | None = None
+    ) -> Path:
+        """The model's directory with what a stage of `layers` reads (None: every layer)."""
+        ...
 
 
 class ProgressCallback(Protocol):
@@ -143,7 +147,9 @@ class Worker:
     async def _spawn(self, action: SpawnRunner) -> None:
         runner_id = action.shard.runner_id
         try:
-            model_dir = await self._prepare_model(action.model_id)
+            shard = action.shard
+            layers = range(shard.start_layer, shard.end_layer)
+            model_dir = await self._prepare_model(action.model_id, layers)
         except Exception as exc:
             # Out of disk space and hub failures are told in a line; anything else comes with
             # its trace.
@@ -191,7 +197,7 @@ class Worker:
             raise
         return link
 
-    async def _prepare_model(self, model_id: ModelId) -> Path:
+    async def _prepare_model(self, model_id: ModelId, layers: range) -> Path:
         """Convert/download the model into the store once; report progress as events."""
         async with self._prepare_lock:
             last = [-1.0]
@@ -213,4 +219,6 @@ class Worker:
                 anyio.from_thread.run(self._emitter.emit, event)
 
             with console:
-                return await anyio.to_thread.run_sync(self._models.ensure, model_id, on_progress)
+                return await anyio.to_thread.run_sync(
+                    self._models.ensure, model_id, on_progress, layers
+                )
