@@ -16,11 +16,13 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
+from exo.models.convert import MARKER_NAME
 from exo.shared.apply import fold
 from exo.shared.types.events import IndexedEvent
 from exo.shared.types.state import State
 from tests.conftest import BUILTIN
 from tests.daemon import Daemon
+from tests.fake_hub import FakeHub, FakeRepo, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "dashboard"
@@ -92,6 +94,9 @@ def dashboard_dist() -> Path:
     return dist
 
 
+HUB_REPO = "exo-test/smollm2-copy"
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not Path(CHROMIUM).exists():
@@ -105,11 +110,28 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
+def hub(shared_models: Path) -> Iterator[FakeHub]:
+    """A hub on loopback holding the built-in model's files as a repository."""
+    builtin = shared_models / BUILTIN
+    files = {p.name: p.read_bytes() for p in builtin.iterdir() if p.name != MARKER_NAME}
+    with serving(FakeHub(repos={HUB_REPO: FakeRepo(files)})) as hub:
+        yield hub
+
+
+@pytest.fixture
 def node(
-    tmp_path_factory: pytest.TempPathFactory, shared_models: Path, dashboard_dist: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    shared_models: Path,
+    dashboard_dist: Path,
+    hub: FakeHub,
 ) -> Iterator[Daemon]:
     daemon = Daemon(
-        tmp_path_factory.mktemp("dash"), shared_models, "--dashboard-dir", str(dashboard_dist)
+        tmp_path_factory.mktemp("dash"),
+        shared_models,
+        "--dashboard-dir",
+        str(dashboard_dist),
+        "--hf-endpoint",
+        hub.url,
     ).start()
     try:
         yield daemon
@@ -147,6 +169,17 @@ def test_dashboard_places_chats_and_deletes(node: Daemon, browser: Browser) -> N
     expect(card).to_contain_text("this node")
     expect(page.locator(f'[data-testid="topology-node"][data-node-id="{node_id}"]')).to_be_visible()
     expect(page.get_by_test_id("no-instances")).to_be_visible()
+
+    # A model from the hub: a wrong id is refused with the reason; a repository joins the
+    # model list through the catalogue's event, selected.
+    page.get_by_test_id("hub-repo").fill("not-a-repo")
+    page.get_by_test_id("hub-add").click()
+    expect(page.get_by_test_id("hub-error")).to_contain_text("owner/name")
+    page.get_by_test_id("hub-repo").fill(HUB_REPO)
+    page.get_by_test_id("hub-add").click()
+    expect(page.get_by_test_id("hub-added")).to_contain_text(HUB_REPO, timeout=30_000)
+    expect(page.get_by_test_id("model-select")).to_have_value(HUB_REPO, timeout=15_000)
+    assert HUB_REPO in node.get("/state")["state"]["models"]
 
     # A placement the master refuses shows the master's reason. (The picker lists only
     # known nodes: pin to one that is not in the cluster by adding it to the list.)

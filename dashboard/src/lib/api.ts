@@ -1,6 +1,6 @@
 // The node's HTTP API (docs/api.md). Errors carry OpenAI's shape: {"error": {"message", "code"}}.
 
-import type { ModelInfo } from './types';
+import type { ModelCard, ModelInfo } from './types';
 
 export class ApiError extends Error {
   constructor(
@@ -50,6 +50,15 @@ export function placeInstance(model: string, nodeId: string | null): Promise<Pla
     method: 'POST',
     headers: { 'content-type': 'application/json' },
     body: JSON.stringify(body),
+  });
+}
+
+/** Add a model from the Hugging Face hub by repository id; the reply is its card. */
+export function addModel(repo: string): Promise<ModelCard> {
+  return call<ModelCard>('/models', {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ repo }),
   });
 }
 
