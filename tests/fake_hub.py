@@ -61,6 +61,33 @@ class FakeHub:
         return [r for p, r in self.requests if p.startswith("/cdn/") and p.endswith(path_suffix)]
 
 
+def sharded(repo: FakeRepo, layer_files: list[tuple[int, int]], embedding: int) -> FakeRepo:
+    """The repository's `model.safetensors` split the way large checkpoints come: file i
+    holds layers [start, end) of `layer_files[i]`, file `embedding` the embedding (an index
+    past the list: a file of its own), the last file the final norm; plus the index."""
+    from safetensors.numpy import load, save
+
+    tensors = load(repo.files.pop("model.safetensors"))
+    count = max(len(layer_files), embedding + 1)
+    names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+    def file_of(name: str) -> str:
+        if name.startswith("model.embed_tokens."):
+            return names[embedding]
+        if name.startswith("model.layers."):
+            layer = int(name.split(".")[2])
+            return names[next(i for i, (a, b) in enumerate(layer_files) if a <= layer < b)]
+        return names[len(layer_files) - 1]
+
+    weight_map = {name: file_of(name) for name in tensors}
+    for file in names:
+        part = {n: t for n, t in tensors.items() if weight_map[n] == file}
+        repo.files[file] = save(part, metadata={"format": "mlx"})
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    repo.files["model.safetensors.index.json"] = json.dumps(index).encode()
+    return repo
+
+
 @contextmanager
 def serving(hub: FakeHub) -> Generator[FakeHub]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))

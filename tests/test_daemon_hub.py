@@ -13,12 +13,21 @@ import pytest
 from exo.models.convert import MARKER_NAME
 from exo.models.store import ModelStore
 from tests.conftest import BUILTIN
-from tests.daemon import Daemon
-from tests.fake_hub import FakeHub, FakeRepo, serving
+from tests.daemon import Daemon, free_port
+from tests.fake_hub import FakeHub, FakeRepo, serving, sharded
 
 pytestmark = pytest.mark.slow
 
 REPO = "exo-test/smollm2-copy"
+
+
+def _own_store(home: Path, shared_models: Path, *args: str) -> Daemon:
+    """A daemon whose model store is its own (downloads land there), the built-in model
+    linked in."""
+    store = home / "cache" / "models"
+    store.mkdir(parents=True)
+    (store / BUILTIN).symlink_to(shared_models / BUILTIN, target_is_directory=True)
+    return Daemon(home, None, *args)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +41,8 @@ def hub(shared_models: Path) -> Iterator[FakeHub]:
 def test_a_hub_model_named_at_start_is_added_downloaded_and_served(
     tmp_path: Path, shared_models: Path, hub: FakeHub
 ) -> None:
-    # Its own store: the download must happen here (the built-in model is linked in).
-    node = Daemon(tmp_path / "node", None, "--hf-endpoint", hub.url, "--model", REPO)
+    node = _own_store(tmp_path / "node", shared_models, "--hf-endpoint", hub.url, "--model", REPO)
     store = tmp_path / "node" / "cache" / "models"
-    store.mkdir(parents=True)
-    (store / BUILTIN).symlink_to(shared_models / BUILTIN, target_is_directory=True)
     node.start()
     try:
         # `--model` adds the repository and places it, with no request from us.
@@ -78,3 +84,60 @@ def test_a_hub_model_named_at_start_is_added_downloaded_and_served(
         assert (store / "exo-test--smollm2-copy" / "model.safetensors").is_file()
     finally:
         node.stop()
+
+
+SHARDED = "exo-test/smollm2-sharded"
+
+
+def test_a_pipeline_of_a_sharded_hub_model_fetches_each_stage_s_files_on_its_node(
+    tmp_path: Path, shared_models: Path, hub: FakeHub
+) -> None:
+    """Two nodes, one stage each: each node downloads only the files its layers are in."""
+    # The embedding in a file of its own (both stages read it: the head is tied), then
+    # layers 0-14 and 15-29 (with the final norm).
+    repo = FakeRepo(dict(hub.repos[REPO].files))
+    hub.repos[SHARDED] = sharded(repo, [(0, 15), (15, 30)], embedding=2)
+    names = sorted(f for f in repo.files if f.endswith(".safetensors"))
+    embedding, first, second = names[2], names[0], names[1]
+    mesh_ports = [free_port(), free_port()]
+    nodes: list[Daemon] = []
+    for i in range(2):
+        peer = f"127.0.0.1:{mesh_ports[1 - i]}"
+        node = _own_store(
+            tmp_path / f"node{i}", shared_models, "--hf-endpoint", hub.url, "--peer", peer
+        )
+        node.mesh_port = mesh_ports[i]
+        nodes.append(node.start())
+    try:
+        ids = [n.get("/state")["node_id"] for n in nodes]
+        stages = [
+            {"node_id": ids[0], "engine": "torch", "start_layer": 0, "end_layer": 15},
+            {"node_id": ids[1], "engine": "torch", "start_layer": 15, "end_layer": 30},
+        ]
+        placed = httpx.post(
+            f"{nodes[0].url}/instances", json={"model": SHARDED, "stages": stages}, timeout=60.0
+        )
+        assert placed.status_code == 201, placed.text
+        nodes[0].wait_ready(SHARDED, timeout_s=300.0)
+        client = openai.OpenAI(
+            base_url=f"{nodes[1].url}/v1", api_key="unused", timeout=300.0, max_retries=0
+        )
+        replies: dict[str, str] = {}
+        for model in (SHARDED, BUILTIN):
+            reply = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "Name three colours."}],
+                max_tokens=16,
+                temperature=0.0,
+            )
+            replies[model] = reply.choices[0].message.content or ""
+        assert replies[SHARDED] == replies[BUILTIN] != ""
+        held = [
+            {p.name for p in (n.home / "cache" / "models" / "exo-test--smollm2-sharded").iterdir()}
+            for n in nodes
+        ]
+        assert {first, embedding} <= held[0] and second not in held[0]
+        assert {second, embedding} <= held[1] and first not in held[1]
+    finally:
+        for node in nodes:
+            node.stop()

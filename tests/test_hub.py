@@ -24,7 +24,7 @@ from exo.models.store import ModelStore
 from exo.shared.types.ids import ModelId
 from exo.shared.types.models import ModelCard
 from tests.conftest import BUILTIN
-from tests.fake_hub import FakeHub, FakeRepo, serving
+from tests.fake_hub import FakeHub, FakeRepo, serving, sharded
 
 REPO = "exo-test/smollm2-copy"
 
@@ -222,35 +222,14 @@ def test_a_card_source_parses_back() -> None:
 # --- a sharded checkpoint: each stage fetches only its files ------------------------------
 
 
-def _sharded(repo: FakeRepo) -> FakeRepo:
-    """The same weights in three files (layers 0-9 with the embedding, 10-19, 20-29 with
-    the final norm) and an index, as large checkpoints come."""
-    from safetensors.numpy import load, save
-
-    tensors = load(repo.files.pop("model.safetensors"))
-
-    def part_of(name: str) -> int:
-        if name.startswith("model.layers."):
-            return int(name.split(".")[2]) // 10
-        return 0 if name.startswith("model.embed_tokens.") else 2
-
-    names = [f"model-0000{i + 1}-of-00003.safetensors" for i in range(3)]
-    weight_map = {name: names[part_of(name)] for name in tensors}
-    for i, file in enumerate(names):
-        part = {n: t for n, t in tensors.items() if part_of(n) == i}
-        repo.files[file] = save(part, metadata={"format": "mlx"})
-    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-    repo.files["model.safetensors.index.json"] = json.dumps(index).encode()
-    return repo
-
-
 def test_each_stage_fetches_only_the_files_that_hold_its_layers(
     tmp_path: Path, hub: FakeHub, builtin_dir: Path
 ) -> None:
     from exo.worker.engines.base import ShardSpec
     from exo.worker.engines.torch.engine import TorchEngine
 
-    hub.repos[REPO] = _sharded(hub.repos[REPO])
+    # Layers 0-9 with the embedding, 10-19, 20-29 with the final norm.
+    hub.repos[REPO] = sharded(hub.repos[REPO], [(0, 10), (10, 20), (20, 30)], embedding=0)
     card = _card(hub)
     # The card is the same model's, whatever the files.
     same = {"model_id", "display_name", "source"}
