@@ -30,6 +30,20 @@ def _own_store(home: Path, shared_models: Path, *args: str) -> Daemon:
     return Daemon(home, None, *args)
 
 
+def _client(node: Daemon) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", timeout=300.0, max_retries=0)
+
+
+def _greedy(node: Daemon, model: str) -> str:
+    reply = _client(node).chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Name three colours."}],
+        max_tokens=16,
+        temperature=0.0,
+    )
+    return reply.choices[0].message.content or ""
+
+
 @pytest.fixture(scope="module")
 def hub(shared_models: Path) -> Iterator[FakeHub]:
     builtin = ModelStore(shared_models).ensure(BUILTIN)
@@ -61,21 +75,9 @@ def test_a_hub_model_named_at_start_is_added_downloaded_and_served(
         added = httpx.post(f"{node.url}/models", json={"repo": REPO}, timeout=60.0)
         assert added.status_code == 200, added.text
         assert added.json()["model_id"] == REPO
-        client = openai.OpenAI(
-            base_url=f"{node.url}/v1", api_key="unused", timeout=300.0, max_retries=0
-        )
-        assert REPO in [m.id for m in client.models.list().data]
-        replies: dict[str, str] = {}
-        for model in (BUILTIN, REPO):
-            reply = client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": "Name three colours."}],
-                max_tokens=16,
-                temperature=0.0,
-            )
-            replies[model] = reply.choices[0].message.content or ""
+        assert REPO in [m.id for m in _client(node).models.list().data]
         # The same weights under another name: the same greedy answer.
-        assert replies[REPO] == replies[BUILTIN] != ""
+        assert _greedy(node, REPO) == _greedy(node, BUILTIN) != ""
         body = node.get("/state")
         progress = body["state"]["model_progress"][f"{body['node_id']}/{REPO}"]
         served = sum(len(c) for c in hub.repos[REPO].files.values())
@@ -119,19 +121,7 @@ def test_a_pipeline_of_a_sharded_hub_model_fetches_each_stage_s_files_on_its_nod
         )
         assert placed.status_code == 201, placed.text
         nodes[0].wait_ready(SHARDED, timeout_s=300.0)
-        client = openai.OpenAI(
-            base_url=f"{nodes[1].url}/v1", api_key="unused", timeout=300.0, max_retries=0
-        )
-        replies: dict[str, str] = {}
-        for model in (SHARDED, BUILTIN):
-            reply = client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": "Name three colours."}],
-                max_tokens=16,
-                temperature=0.0,
-            )
-            replies[model] = reply.choices[0].message.content or ""
-        assert replies[SHARDED] == replies[BUILTIN] != ""
+        assert _greedy(nodes[1], SHARDED) == _greedy(nodes[1], BUILTIN) != ""
         held = [
             {p.name for p in (n.home / "cache" / "models" / "exo-test--smollm2-sharded").iterdir()}
             for n in nodes

@@ -86,7 +86,8 @@ def test_a_download_lands_whole_and_only_once(tmp_path: Path, hub: FakeHub) -> N
     path = store.ensure(card.model_id, lambda done, total: progress.append((done, total)))
     repo = hub.repos[REPO]
     assert path == tmp_path / "exo-test--smollm2-copy"
-    assert {p.name for p in path.iterdir()} == (set(repo.files) - {"README.md"}) | {MARKER_NAME}
+    files = {p.name for p in path.iterdir() if not p.name.startswith(".")}
+    assert files == (set(repo.files) - {"README.md"}) | {MARKER_NAME}
     for name in set(repo.files) - {"README.md"}:
         assert (path / name).read_bytes() == repo.files[name], name
     total = sum(len(c) for n, c in repo.files.items() if n != "README.md")
@@ -160,6 +161,23 @@ def test_a_model_added_again_at_a_new_commit_is_fetched_again(tmp_path: Path, hu
     assert not store.is_ready(card.model_id)
     path = store.ensure(card.model_id)
     assert (path / "generation_config.json").read_bytes() == b'{"eos_token_id": 2}\n'
+
+
+def test_parts_of_another_commit_are_not_resumed(
+    tmp_path: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(time, "sleep", _ignore)
+    card = _card(hub)
+    cards = {card.model_id: card}
+    store = ModelStore(tmp_path, card_for=cards.get, hub_endpoint=hub.url)
+    hub.script["model.safetensors"] = [("cut", 5_000_000)] + [("status", 503)] * 5
+    with pytest.raises(HubError):
+        store.ensure(card.model_id)
+    hub.repos[REPO].commit = "e" * 40
+    cards[card.model_id] = _card(hub)
+    path = store.ensure(card.model_id)
+    assert hub.ranges("model.safetensors")[-1] is None  # from the start, not resumed
+    assert (path / "model.safetensors").read_bytes() == hub.repos[REPO].files["model.safetensors"]
 
 
 def test_the_listing_follows_its_pages(hub: FakeHub) -> None:

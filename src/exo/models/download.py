@@ -29,6 +29,8 @@ from exo.models.describe import wanted_files
 from exo.models.hub import HubClient, HubFile, HubSource
 
 INDEX_NAME = "model.safetensors.index.json"
+# Which commit the files in a model's directory belong to, written before the first of them.
+_SOURCE_STAMP = ".exo_source"
 
 
 class _Index(BaseModel):
@@ -84,12 +86,8 @@ def download_model(
     layers: range | None = None,
 ) -> None:
     """Bring `out_dir` to hold what a stage of `layers` (None: every layer) needs."""
+    _claim(out_dir, source)
     record = read_record(out_dir)
-    if record is not None and record.source_file != str(source):
-        # Another commit of the model: its files are not this one's.
-        shutil.rmtree(out_dir)
-        record = None
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = wanted_files(client.files(source.repo, source.commit))
     by_path = {f.path: f for f in files}
     weight_map = None
@@ -110,6 +108,22 @@ def download_model(
             files=tuple(sorted(have)),
         ),
     )
+
+
+def _claim(out_dir: Path, source: HubSource) -> None:
+    """Make `out_dir` this commit's: what another commit left there (whole or in parts) is
+    not this one's, even where names and sizes agree."""
+    stamp = out_dir / _SOURCE_STAMP
+    try:
+        owner = stamp.read_text(encoding="utf-8")
+    except OSError:
+        owner = None
+    if owner == str(source):
+        return
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    stamp.write_text(str(source), encoding="utf-8")
 
 
 def _fetch(
