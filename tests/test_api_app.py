@@ -40,6 +40,7 @@ from exo.shared.types.commands import (
     DeleteInstance,
     PlaceInstance,
     RejectionCode,
+    RemoveModel,
 )
 from exo.shared.types.events import (
     Event,
@@ -47,6 +48,7 @@ from exo.shared.types.events import (
     InstanceCreated,
     InstanceDeleted,
     ModelAdded,
+    ModelRemoved,
     RunnerStatusChanged,
     TaskCancelled,
     TaskCreated,
@@ -217,6 +219,9 @@ class ScriptedBackend:
             case AddModel(card=card):
                 self.cards = [c for c in self.cards if c.model_id != card.model_id] + [card]
                 return self._accepted(command_id, card.model_id, ModelAdded(card=card))
+            case RemoveModel(model_id=model_id):
+                self.cards = [c for c in self.cards if c.model_id != model_id]
+                return self._accepted(command_id, model_id, ModelRemoved(model_id=model_id))
             case DeleteInstance(instance_id=instance_id):
                 if instance_id not in self._state.instances:
                     return CommandRejected(
@@ -1050,6 +1055,22 @@ async def test_a_chat_naming_a_hub_repository_adds_it_and_answers() -> None:
     # A preview reads a hub model without adding it.
     assert_openai_error(preview, 404, "model_not_found")
     assert sum(isinstance(c, AddModel) for c in backend.commands) == 1
+
+
+async def test_removing_a_hub_model_takes_it_out_of_the_catalogue() -> None:
+    backend = ScriptedBackend(
+        hub={"org/tiny-chat": HUB_CARD},
+        reject_once={"remove_model": ("invalid", "org/tiny-chat still has instances")},
+    )
+    async with serving(backend) as client:
+        await client.post("/models", json={"repo": "org/tiny-chat"})
+        busy = await client.delete("/models/org/tiny-chat")
+        removed = await client.delete("/models/org/tiny-chat")
+        listed = (await client.get("/v1/models")).json()
+    assert assert_openai_error(busy, 400, "invalid_request")["message"].endswith("instances")
+    assert removed.status_code == 200
+    assert removed.json()["model_id"] == "org/tiny-chat" and removed.json()["removed"]
+    assert "org/tiny-chat" not in [m["id"] for m in listed["data"]]
 
 
 @pytest.mark.parametrize(

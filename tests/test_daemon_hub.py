@@ -84,6 +84,20 @@ def test_a_hub_model_named_at_start_is_added_downloaded_and_served(
         assert progress["complete"]
         assert progress["done_bytes"] == progress["total_bytes"] == served
         assert (store / "exo-test--smollm2-copy" / "model.safetensors").is_file()
+        # Removed: refused while an instance of it runs; then it leaves the catalogue and
+        # the node deletes its files.
+        busy = httpx.delete(f"{node.url}/models/{REPO}", timeout=30.0)
+        assert busy.status_code == 400 and "delete them first" in busy.text
+        for view in node.get("/instances")["data"]:
+            if view["instance"]["model_id"] == REPO:
+                iid = view["instance"]["instance_id"]
+                httpx.delete(f"{node.url}/instances/{iid}", timeout=30.0).raise_for_status()
+        assert httpx.delete(f"{node.url}/models/{REPO}", timeout=30.0).status_code == 200
+        assert REPO not in [m.id for m in _client(node).models.list().data]
+        deadline = time.monotonic() + 30.0
+        while (store / "exo-test--smollm2-copy").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not (store / "exo-test--smollm2-copy").exists(), node.output()
     finally:
         node.stop()
 

@@ -17,6 +17,7 @@ from exo.shared.types.commands import (
     DeleteInstance,
     PinnedStage,
     PlaceInstance,
+    RemoveModel,
 )
 from exo.shared.types.events import (
     DeviceInventoryReported,
@@ -26,6 +27,7 @@ from exo.shared.types.events import (
     InstanceDeleted,
     LinkProfileMeasured,
     ModelAdded,
+    ModelRemoved,
     NodeStarted,
     RunnerStatusChanged,
     TaskCreated,
@@ -285,7 +287,7 @@ HUB = SMOLLM2_135M_INSTRUCT.model_copy(
 )
 
 
-def _add(state: State, command: AddModel) -> Decision | Rejection:
+def _add(state: State, command: AddModel | RemoveModel) -> Decision | Rejection:
     envelope = CommandEnvelope(command_id=CommandId("c"), origin=NODES[0], command=command)
     return decide(state, envelope, lambda m: card_in(state, m), CTX)
 
@@ -309,3 +311,27 @@ def test_a_built_in_model_cannot_be_replaced_from_the_hub() -> None:
     assert isinstance(out, Rejection)
     assert out.code == "invalid"
     assert "built in" in out.message
+
+
+def test_a_hub_model_is_removed_only_without_instances_and_never_a_built_in_one() -> None:
+    state = state_of(UP, ModelAdded(card=HUB))
+    gone = _add(state, RemoveModel(model_id=HUB.model_id))
+    assert gone == Decision(events=(ModelRemoved(model_id=HUB.model_id),), created_id="org/chat")
+    after = state_of(UP, ModelAdded(card=HUB), ModelRemoved(model_id=HUB.model_id))
+    assert card_in(after, HUB.model_id) is None
+    assert after.removed_models == {HUB.model_id: HUB.source}
+    # Added again: back in the catalogue, no longer removed.
+    again = state_of(
+        UP, ModelAdded(card=HUB), ModelRemoved(model_id=HUB.model_id), ModelAdded(card=HUB)
+    )
+    assert again.removed_models == {} and card_in(again, HUB.model_id) == HUB
+    hub_instance = instance(InstanceId("inst-h"), NODES[0]).model_copy(
+        update={"model_id": HUB.model_id}
+    )
+    used = state_of(UP, ModelAdded(card=HUB), InstanceCreated(instance=hub_instance))
+    busy = _add(used, RemoveModel(model_id=HUB.model_id))
+    assert isinstance(busy, Rejection) and busy.code == "invalid" and "inst-h" in busy.message
+    builtin = _add(state, RemoveModel(model_id=SMOLLM2_135M_INSTRUCT.model_id))
+    assert isinstance(builtin, Rejection) and "built in" in builtin.message
+    unknown = _add(state, RemoveModel(model_id=ModelId("org/never")))
+    assert isinstance(unknown, Rejection) and unknown.code == "unknown_model"

@@ -270,3 +270,24 @@ def test_each_stage_fetches_only_the_files_that_hold_its_layers(
     out = head.forward(ids, head.new_request(8, seed=0))
     expected = reference.forward(ids, reference.new_request(8, seed=0))
     assert out.shape == expected.shape and bool((out == expected).all())
+
+
+def test_a_removed_model_s_files_are_deleted_whatever_state_they_are_in(
+    tmp_path: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    card = _card(hub)
+    store = _store(tmp_path, hub, card)
+    assert store.hub_models() == {}
+    path = store.ensure(card.model_id)
+    assert store.hub_models() == {card.model_id: path}
+    store.remove(card.model_id)
+    assert not path.exists() and store.hub_models() == {}
+    # A download that stopped halfway is found and deleted too.
+    monkeypatch.setattr(time, "sleep", _ignore)
+    hub.script["model.safetensors"] = [("cut", 1_000_000)] + [("status", 503)] * 5
+    with pytest.raises(HubError):
+        store.ensure(card.model_id)
+    assert store.hub_models() == {card.model_id: path}
+    store.remove(card.model_id)
+    assert not path.exists()
+    store.remove(card.model_id)  # nothing left: a no-op

@@ -1,16 +1,28 @@
 """The worker's pure plan(): state + local view -> actions."""
 
+from exo.models.cards import SMOLLM2_135M_INSTRUCT
 from exo.shared.apply import fold
 from exo.shared.types.events import (
     Event,
     InstanceCreated,
     InstanceDeleted,
+    ModelAdded,
+    ModelRemoved,
     RunnerStatusChanged,
     TaskCreated,
 )
+from exo.shared.types.ids import ModelId
 from exo.shared.types.runners import RunnerFailed, RunnerLoading, RunnerReady
 from exo.shared.types.state import State
-from exo.worker.plan import AbortTask, DispatchTask, SpawnRunner, StopRunner, WorkerView, plan
+from exo.worker.plan import (
+    AbortTask,
+    DispatchTask,
+    PruneModel,
+    SpawnRunner,
+    StopRunner,
+    WorkerView,
+    plan,
+)
 from tests.factories import INSTANCES, NODES, TASKS, indexed, instance, runner_of, task
 
 ME, OTHER = NODES
@@ -88,3 +100,21 @@ def test_a_task_whose_first_stage_is_elsewhere_is_not_ours() -> None:
         TaskCreated(task=task(TASKS[0], INSTANCES[0], ME)),
     )
     assert plan(state, WorkerView(node_id=ME)) == []
+
+
+def test_prunes_the_files_of_models_the_cluster_removed() -> None:
+    hub = SMOLLM2_135M_INSTRUCT.model_copy(
+        update={"model_id": ModelId("org/chat"), "source": f"hf:org/chat@{'a' * 40}"}
+    )
+    stored = frozenset({hub.model_id, ModelId("org/other")})
+    view = WorkerView(node_id=ME, stored=stored)
+    added = state_of(ModelAdded(card=hub))
+    assert plan(added, view) == []
+    removed = state_of(ModelAdded(card=hub), ModelRemoved(model_id=hub.model_id))
+    # Only what the cluster removed: files of a model it never knew (added on a cluster
+    # this node left, or whose log it has not caught up with yet) are left alone.
+    assert plan(removed, view) == [PruneModel(model_id=hub.model_id)]
+    again = state_of(
+        ModelAdded(card=hub), ModelRemoved(model_id=hub.model_id), ModelAdded(card=hub)
+    )
+    assert plan(again, view) == []

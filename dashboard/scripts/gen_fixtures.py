@@ -21,6 +21,7 @@ from exo.shared.types.events import (
     InstanceDeleted,
     LinkProfileMeasured,
     ModelAdded,
+    ModelRemoved,
     ModelStoreProgress,
     NodeStarted,
     RunnerStatusChanged,
@@ -51,6 +52,7 @@ from exo.shared.types.telemetry import DeviceMetrics, DeviceSpec, LinkProfile, P
 OUT = Path(__file__).resolve().parents[1] / "src" / "test" / "fixtures" / "synthetic.json"
 MODEL = ModelId("smollm2-135m-instruct")
 HUB_MODEL = ModelId("org/chat")
+OLD_MODEL = ModelId("org/old")
 A, B = NodeId("node-aaaa"), NodeId("node-bbbb")
 PARAMS = ChatParams(
     messages=(ChatMessage(role="user", content="hi"),),
@@ -163,6 +165,8 @@ def events() -> list[tuple[str, Event]]:
         ("a/1", TaskFinished(task_id=TaskId("t6"), finish_reason="stop", prompt_tokens=10, completion_tokens=40, decode_tokens_per_s=31.3)),
         # A model added from the hub (its card read from the hub by the API's node).
         ("m", ModelAdded(card=SMOLLM2_135M_INSTRUCT.model_copy(update={"model_id": HUB_MODEL, "display_name": "chat", "source": f"hf:{HUB_MODEL}@{'a' * 40}"}))),
+        ("m", ModelAdded(card=SMOLLM2_135M_INSTRUCT.model_copy(update={"model_id": OLD_MODEL, "display_name": "old", "source": f"hf:{OLD_MODEL}@{'b' * 40}"}))),
+        ("m", ModelRemoved(model_id=OLD_MODEL)),
     ]  # fmt: skip
 
 

@@ -97,8 +97,30 @@ function applyEvent(state: State, event: Event): State {
     case 'task_cancelled':
       if (!(event.task_id in state.tasks)) return state;
       return dropFailedTasks(state, new Set([event.task_id]));
-    case 'model_added':
-      return { ...state, models: { ...(state.models ?? {}), [event.card.model_id]: event.card } };
+    case 'model_added': {
+      const removed = { ...(state.removed_models ?? {}) };
+      delete removed[event.card.model_id];
+      return {
+        ...state,
+        models: { ...(state.models ?? {}), [event.card.model_id]: event.card },
+        removed_models: removed,
+      };
+    }
+    case 'model_removed': {
+      const card = state.models?.[event.model_id];
+      if (card === undefined) return state;
+      const models = { ...state.models };
+      delete models[event.model_id];
+      const progress = Object.fromEntries(
+        Object.entries(state.model_progress).filter(([, p]) => p.model_id !== event.model_id),
+      );
+      return {
+        ...state,
+        models,
+        model_progress: progress,
+        removed_models: { ...(state.removed_models ?? {}), [event.model_id]: card.source },
+      };
+    }
     case 'model_store_progress':
       return {
         ...state,

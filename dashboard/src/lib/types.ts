@@ -141,6 +141,8 @@ export interface State {
   model_progress: Record<string, ModelStoreProgress>;
   // Models added from the hub (absent from older daemons).
   models?: Record<ModelId, ModelCard>;
+  // Hub models taken out of the catalogue: id -> the source it had.
+  removed_models?: Record<ModelId, string>;
   origin_seqs: Record<string, number>;
   counters: TaskCounters;
   // Telemetry (absent from daemons without it).
@@ -179,6 +181,7 @@ export type Event =
   | { kind: 'task_failed'; task_id: TaskId; reason: string }
   | { kind: 'task_cancelled'; task_id: TaskId; reason: string }
   | { kind: 'model_added'; card: ModelCard }
+  | { kind: 'model_removed'; model_id: ModelId }
   | ModelStoreProgress
   | { kind: 'device_inventory_reported'; node_id: NodeId; devices: DeviceSpec[]; reported_at_ms: number }
   | {
@@ -215,6 +218,7 @@ export const KNOWN_EVENT_KINDS: ReadonlySet<string> = new Set([
   'task_failed',
   'task_cancelled',
   'model_added',
+  'model_removed',
   'model_store_progress',
   'device_inventory_reported',
   'device_metrics_reported',

@@ -6,7 +6,15 @@ import { deepFreeze, recordedEvents, recordedState, synthetic } from './fixtures
 // A daemon without telemetry has no node_devices/links; one with it starts them empty.
 // Fields of newer daemons this fold has no event for yet start at their defaults.
 function withTelemetry(state: State): State {
-  return { node_devices: {}, links: {}, master: null, runner_endpoints: {}, models: {}, ...state };
+  return {
+    node_devices: {},
+    links: {},
+    master: null,
+    runner_endpoints: {},
+    models: {},
+    removed_models: {},
+    ...state,
+  };
 }
 
 describe('apply over events recorded from a real daemon', () => {
@@ -42,6 +50,7 @@ describe('apply matches exo.shared.apply on failure paths', () => {
     const state = fold(emptyState(), events);
     expect(Object.keys(state.models ?? {})).toEqual(['org/chat']);
     expect(state.models?.['org/chat']?.source).toMatch(/^hf:org\/chat@/);
+    expect(state.removed_models).toEqual({ 'org/old': `hf:org/old@${'b'.repeat(40)}` });
   });
 
   it('folds device inventory, metrics and links', () => {

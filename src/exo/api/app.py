@@ -51,7 +51,13 @@ from exo.models.hub import HubDenied, HubError, HubNotFound, check_repo_id
 from exo.shared.types.base import Frozen
 from exo.shared.types.chat import ChatParams
 from exo.shared.types.cluster import ClusterStatus
-from exo.shared.types.commands import AddModel, DeleteInstance, PinnedStage, PlaceInstance
+from exo.shared.types.commands import (
+    AddModel,
+    DeleteInstance,
+    PinnedStage,
+    PlaceInstance,
+    RemoveModel,
+)
 from exo.shared.types.events import IndexedEvent
 from exo.shared.types.ids import InstanceId, ModelId, NodeId, TaskId, new_task_id
 from exo.shared.types.models import ModelCard
@@ -80,6 +86,12 @@ class InstanceList(Frozen):
 class InstancePlaced(Frozen):
     instance_id: InstanceId
     model: ModelId
+    last_index: int
+
+
+class ModelRemovedReply(Frozen):
+    model_id: ModelId
+    removed: bool = True
     last_index: int
 
 
@@ -247,6 +259,14 @@ def create_app(
         await _add(backend, settings, card)
         status = 200 if known == card else 201
         return JSONResponse(card.model_dump(mode="json"), status_code=status)
+
+    @app.delete("/models/{model_id:path}", tags=["cluster"])
+    async def remove_model(model_id: str) -> dict[str, Any]:  # pyright: ignore[reportUnusedFunction]
+        accepted = await send_command(backend, RemoveModel(model_id=ModelId(model_id)), settings)
+        await wait_applied(backend, accepted.last_index, settings)
+        return ModelRemovedReply(
+            model_id=ModelId(model_id), last_index=accepted.last_index
+        ).model_dump(mode="json")
 
     # --- cluster ---------------------------------------------------------------------
 

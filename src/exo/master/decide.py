@@ -13,12 +13,14 @@ from exo.shared.types.commands import (
     DeleteInstance,
     PlaceInstance,
     RejectionCode,
+    RemoveModel,
 )
 from exo.shared.types.events import (
     Event,
     InstanceCreated,
     InstanceDeleted,
     ModelAdded,
+    ModelRemoved,
     TaskCancelled,
     TaskCreated,
 )
@@ -101,6 +103,22 @@ def decide(
                     code="invalid", message=f"{card.model_id} is built in and cannot be replaced"
                 )
             return Decision(events=(ModelAdded(card=card),), created_id=card.model_id)
+        case RemoveModel(model_id=model_id):
+            if model_id not in state.models:
+                if card_for(model_id) is not None:
+                    return Rejection(
+                        code="invalid", message=f"{model_id} is built in and cannot be removed"
+                    )
+                return Rejection(code="unknown_model", message=f"unknown model {model_id}")
+            using = sorted(
+                i.instance_id for i in state.instances.values() if i.model_id == model_id
+            )
+            if using:
+                return Rejection(
+                    code="invalid",
+                    message=f"{model_id} still has instances ({', '.join(using)}): delete them first",
+                )
+            return Decision(events=(ModelRemoved(model_id=model_id),), created_id=model_id)
 
 
 def serving_instance(state: State, model_id: ModelId) -> Instance | None:

@@ -110,20 +110,23 @@ def download_model(
     )
 
 
+def stored_source(out_dir: Path) -> HubSource | None:
+    """The commit whose files a model's directory holds (None: not a hub download)."""
+    try:
+        return HubSource.parse((out_dir / _SOURCE_STAMP).read_text(encoding="utf-8"))
+    except OSError:
+        return None
+
+
 def _claim(out_dir: Path, source: HubSource) -> None:
     """Make `out_dir` this commit's: what another commit left there (whole or in parts) is
     not this one's, even where names and sizes agree."""
-    stamp = out_dir / _SOURCE_STAMP
-    try:
-        owner = stamp.read_text(encoding="utf-8")
-    except OSError:
-        owner = None
-    if owner == str(source):
+    if stored_source(out_dir) == source:
         return
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    stamp.write_text(str(source), encoding="utf-8")
+    (out_dir / _SOURCE_STAMP).write_text(str(source), encoding="utf-8")
 
 
 def _fetch(

@@ -10,7 +10,7 @@ from exo.config import DEFAULT_HF_ENDPOINT
 from exo.models.builtin import builtin_gguf_path
 from exo.models.cards import BUILTIN_SOURCE, KNOWN_CARDS, UnknownModelError
 from exo.models.convert import ProgressCallback, convert_gguf, read_record, staging_prefix
-from exo.models.download import download_model, holds
+from exo.models.download import download_model, holds, stored_source
 from exo.models.hub import HubClient, HubSource
 from exo.shared.types.ids import ModelId
 from exo.shared.types.models import ModelCard
@@ -99,6 +99,26 @@ class ModelStore:
                 self._discard_partial(path)
                 convert_gguf(gguf(), path, on_progress)
         return path
+
+    def hub_models(self) -> dict[ModelId, Path]:
+        """The hub models this store holds files of (whole or in part), by model id."""
+        if not self.root.is_dir():
+            return {}
+        held: dict[ModelId, Path] = {}
+        for path in self.root.iterdir():
+            source = stored_source(path)
+            if source is not None and path.is_dir():
+                held[ModelId(source.repo)] = path
+        return held
+
+    def remove(self, model_id: ModelId) -> None:
+        """Delete a hub model's files (a no-op when none are here). Blocks until no other
+        process prepares it."""
+        path = self.hub_models().get(model_id)
+        if path is None:
+            return
+        with self._lock(path):
+            shutil.rmtree(path, ignore_errors=True)
 
     @contextmanager
     def _lock(self, path: Path) -> Generator[None]:

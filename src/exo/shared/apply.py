@@ -17,6 +17,7 @@ from exo.shared.types.events import (
     MemberLeft,
     MemberTimedOut,
     ModelAdded,
+    ModelRemoved,
     ModelStoreProgress,
     NodeStarted,
     RunnerEndpointReported,
@@ -111,7 +112,19 @@ def _apply_event(state: State, event: Event) -> State:
                 return state
             return _drop_failed_tasks(state, {task_id})
         case ModelAdded(card=card):
-            return state.model_copy(update={"models": {**state.models, card.model_id: card}})
+            removed = {m: s for m, s in state.removed_models.items() if m != card.model_id}
+            models = {**state.models, card.model_id: card}
+            return state.model_copy(update={"models": models, "removed_models": removed})
+        case ModelRemoved(model_id=model_id):
+            progress = {key: p for key, p in state.model_progress.items() if p.model_id != model_id}
+            card = state.models.get(model_id)
+            if card is None:
+                return state
+            models = {m: c for m, c in state.models.items() if m != model_id}
+            removed = {**state.removed_models, model_id: card.source}
+            return state.model_copy(
+                update={"models": models, "model_progress": progress, "removed_models": removed}
+            )
         case ModelStoreProgress():
             key = f"{event.node_id}/{event.model_id}"
             return state.model_copy(update={"model_progress": {**state.model_progress, key: event}})

@@ -22,6 +22,8 @@ class WorkerView(Frozen):
     dispatched: dict[TaskId, RunnerId] = Field(default_factory=dict[TaskId, RunnerId])
     # Pipeline stages already told where their next stage listens.
     linked: frozenset[RunnerId] = frozenset()
+    # Hub models this node's store holds files of.
+    stored: frozenset[ModelId] = frozenset()
 
 
 class SpawnRunner(Frozen):
@@ -64,8 +66,16 @@ class LinkStage(Frozen):
     port: int
 
 
+class PruneModel(Frozen):
+    """Delete the local files of a model the cluster removed from its catalogue."""
+
+    kind: Literal["prune_model"] = "prune_model"
+    model_id: ModelId
+
+
 Action = Annotated[
-    SpawnRunner | StopRunner | DispatchTask | AbortTask | LinkStage, Field(discriminator="kind")
+    SpawnRunner | StopRunner | DispatchTask | AbortTask | LinkStage | PruneModel,
+    Field(discriminator="kind"),
 ]
 
 
@@ -148,4 +158,7 @@ def plan(state: State, view: WorkerView) -> list[Action]:
             and all_serving(state, instance)
         ):
             actions.append(DispatchTask(task_id=task.task_id, runner_id=first.runner_id))
+    for model_id in sorted(view.stored):
+        if model_id in state.removed_models and model_id not in state.models:
+            actions.append(PruneModel(model_id=model_id))
     return actions

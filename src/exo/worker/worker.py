@@ -26,6 +26,7 @@ from exo.worker.plan import (
     Action,
     DispatchTask,
     LinkStage,
+    PruneModel,
     SpawnRunner,
     StopRunner,
     WorkerView,
@@ -43,6 +44,10 @@ class ModelPreparer(Protocol):
     ) -> Path:
         """The model's directory with what a stage of `layers` reads (None: every layer)."""
         ...
+
+    def hub_models(self) -> dict[ModelId, Path]: ...
+
+    def remove(self, model_id: ModelId) -> None: ...
 
 
 class ProgressCallback(Protocol):
@@ -78,6 +83,9 @@ class Worker:
         self._spawned: set[RunnerId] = set()
         self._wake = anyio.Event()
         self._prepare_lock = anyio.Lock()
+        # Hub models with files in the local store (read at start, then kept up to date).
+        self._stored: set[ModelId] = set()
+        self._pruning: set[ModelId] = set()
 
     def _view(self) -> WorkerView:
         dispatched = {
@@ -91,12 +99,14 @@ class Worker:
             alive=frozenset(r for r, s in self._supervisors.items() if s.alive),
             dispatched=dispatched,
             linked=frozenset(r for r, s in self._supervisors.items() if s.linked_to is not None),
+            stored=frozenset(self._stored - self._pruning),
         )
 
     def _poke(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
+        self._stored = set(await anyio.to_thread.run_sync(self._models.hub_models))
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._poke_on_state_change)
             try:
@@ -143,6 +153,9 @@ class Worker:
                 sup = self._supervisors.get(runner_id)
                 if sup is not None:
                     await sup.connect_next(host, port)
+            case PruneModel(model_id=model_id):
+                self._pruning.add(model_id)
+                tg.start_soon(self._prune, model_id)
 
     async def _spawn(self, action: SpawnRunner) -> None:
         runner_id = action.shard.runner_id
@@ -197,6 +210,17 @@ class Worker:
             raise
         return link
 
+    async def _prune(self, model_id: ModelId) -> None:
+        try:
+            async with self._prepare_lock:
+                await anyio.to_thread.run_sync(self._models.remove, model_id)
+            self._stored.discard(model_id)
+            logger.info(f"deleted the files of {model_id}: it left the catalogue")
+        except OSError as e:
+            logger.error(f"could not delete the files of {model_id}: {e}")
+        finally:
+            self._pruning.discard(model_id)
+
     async def _prepare_model(self, model_id: ModelId, layers: range) -> Path:
         """Convert/download the model into the store once; report progress as events."""
         async with self._prepare_lock:
@@ -219,6 +243,11 @@ class Worker:
                 anyio.from_thread.run(self._emitter.emit, event)
 
             with console:
-                return await anyio.to_thread.run_sync(
-                    self._models.ensure, model_id, on_progress, layers
-                )
+                try:
+                    return await anyio.to_thread.run_sync(
+                        self._models.ensure, model_id, on_progress, layers
+                    )
+                finally:
+                    # Even a failed download may have left files (resumed later, or pruned).
+                    if model_id in await anyio.to_thread.run_sync(self._models.hub_models):
+                        self._stored.add(model_id)

@@ -68,8 +68,15 @@ class AddModel(Frozen):
     card: ModelCard
 
 
+class RemoveModel(Frozen):
+    """Take a model added from the hub out of the catalogue; nodes then delete its files."""
+
+    kind: Literal["remove_model"] = "remove_model"
+    model_id: ModelId
+
+
 Command = Annotated[
-    PlaceInstance | DeleteInstance | CreateTask | CancelTask | AddModel,
+    PlaceInstance | DeleteInstance | CreateTask | CancelTask | AddModel | RemoveModel,
     Field(discriminator="kind"),
 ]
 

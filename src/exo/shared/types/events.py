@@ -98,6 +98,13 @@ class ModelAdded(Frozen):
     card: ModelCard
 
 
+class ModelRemoved(Frozen):
+    """A model added from the hub left the catalogue (no instance of it was left)."""
+
+    kind: Literal["model_removed"] = "model_removed"
+    model_id: ModelId
+
+
 class ModelStoreProgress(Frozen):
     """A node preparing a model in its store (conversion or download)."""
 
@@ -191,6 +198,7 @@ Event = Annotated[
     | TaskFailed
     | TaskCancelled
     | ModelAdded
+    | ModelRemoved
     | ModelStoreProgress
     | DeviceInventoryReported
     | DeviceMetricsReported

@@ -46,6 +46,9 @@ class State(Frozen):
     tasks: dict[TaskId, Task] = Field(default_factory=dict[TaskId, Task])
     # Models added from the hub (the built-in ones are in every node's code).
     models: dict[ModelId, ModelCard] = Field(default_factory=dict[ModelId, ModelCard])
+    # Hub models taken out of the catalogue (id -> the source it had): nodes delete their
+    # files, also a node that was down when it happened. Added again: no longer here.
+    removed_models: dict[ModelId, str] = Field(default_factory=dict[ModelId, str])
     # Keyed "<node id>/<model id>".
     model_progress: dict[str, ModelStoreProgress] = Field(
         default_factory=dict[str, ModelStoreProgress]
