@@ -7,6 +7,7 @@ differently (tied embeddings, the Qwen biases, Mistral's window).
 """
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, cast, get_args
 
@@ -16,6 +17,7 @@ import numpy.typing as npt
 from exo.shared.types.models import ModelFamily
 
 FAMILIES: tuple[str, ...] = get_args(ModelFamily)
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,12 @@ class ModelArgs:
     @property
     def rope_kind(self) -> str:
         return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+
+
+def layer_of(tensor_name: str) -> int | None:
+    """The layer a checkpoint tensor belongs to (`model.layers.<n>.…`), None outside layers."""
+    match = _LAYER.match(tensor_name)
+    return None if match is None else int(match.group(1))
 
 
 def rope_inverse_frequencies(args: ModelArgs) -> npt.NDArray[np.float64]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from exo.models.architecture import ModelArgs
+from exo.models.architecture import ModelArgs, layer_of
 from exo.models.hub import HubClient, HubError, HubFile, HubSource
 from exo.shared.types.ids import ModelId
 from exo.shared.types.models import ModelCard
@@ -30,7 +30,6 @@ _WANTED = re.compile(
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 _FIRST_READ_BYTES = 64 * 1024
 _KV_BYTES = 2  # the KV cache is float16 (as the built-in card's)
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _HEADER = TypeAdapter(dict[str, Any])
 
 
@@ -83,10 +82,10 @@ def card_from_repo(
         for name, tensor in header.items():
             size = tensor.nbytes
             dtypes[tensor.dtype.lower()] += size
-            match = _LAYER.match(name)
-            if match is None:
+            layer = layer_of(name)
+            if layer is None:
                 other += size
-            elif (layer := int(match.group(1))) < args.num_hidden_layers:
+            elif layer < args.num_hidden_layers:
                 per_layer[layer] += size
             else:
                 raise UnsupportedModel(f"{source.repo}: {name} is past the config's layers")

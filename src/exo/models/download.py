@@ -10,12 +10,12 @@ lists the files present; the engines read only complete `*.safetensors` files.
 """
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from exo.models.architecture import layer_of
 from exo.models.convert import (
     CONVERSION_FORMAT,
     MARKER_NAME,
@@ -37,9 +37,6 @@ class _Index(BaseModel):
     """A sharded checkpoint's index: which file holds each tensor (other keys ignored)."""
 
     weight_map: dict[str, str]
-
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def needed_files(
@@ -65,9 +62,9 @@ def _weight_files(weight_map: dict[str, str], n_layers: int, layers: range) -> s
     first, last = layers.start == 0, layers.stop == n_layers
     keep: set[str] = set()
     for tensor, file in weight_map.items():
-        match = _LAYER.match(tensor)
-        if match is not None:
-            needed = int(match.group(1)) in layers
+        layer = layer_of(tensor)
+        if layer is not None:
+            needed = layer in layers
         elif tensor.startswith("model.embed_tokens."):
             needed = first or last  # the last stage's head when the embedding is tied
         else:

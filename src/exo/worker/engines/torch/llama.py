@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor
 
-from exo.models.architecture import ModelArgs, rope_inverse_frequencies
+from exo.models.architecture import ModelArgs, layer_of, rope_inverse_frequencies
 from exo.worker.engines.torch import cpu_ops
 from exo.worker.engines.torch.cache import AttentionBatch, KVCache
 from exo.worker.engines.torch.quant import (
@@ -256,12 +256,6 @@ def _group_size(config: dict[str, Any]) -> int:
     return 64
 
 
-def _layer_of(name: str) -> int | None:
-    if not name.startswith("model.layers."):
-        return None
-    return int(name.split(".", 3)[2])
-
-
 def load_stage(
     model_dir: Path,
     start: int,
@@ -280,7 +274,7 @@ def load_stage(
     needs_embedding = is_first or (is_last and args.tie_word_embeddings)
 
     def wanted(name: str) -> bool:
-        layer = _layer_of(name)
+        layer = layer_of(name)
         if layer is not None:
             return start <= layer < end
         if name.startswith("model.embed_tokens."):
@@ -327,7 +321,7 @@ def load_stage(
             )
         )
         # Drop each layer's source tensors as soon as it is built: peak memory stays low.
-        for name in [n for n in checkpoint.tensors if _layer_of(n) == index]:
+        for name in [n for n in checkpoint.tensors if layer_of(n) == index]:
             del checkpoint.tensors[name]
         on_progress(done / steps)
 
