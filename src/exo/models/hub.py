@@ -125,7 +125,10 @@ class HubClient:
         if token:
             headers["authorization"] = f"Bearer {token}"
         self._client = httpx.Client(
-            headers=headers, timeout=httpx.Timeout(timeout_s), follow_redirects=True
+            # An unreachable hub (an offline cluster) answers within 10 s, not the read bound.
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+            follow_redirects=True,
         )
 
     def close(self) -> None:
