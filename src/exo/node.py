@@ -32,7 +32,7 @@ from exo.identity import load_or_create_node_id
 from exo.master.decide import DecideContext, Decision, Rejection, decide
 from exo.models.cards import card_in, cards_in
 from exo.models.describe import UnsupportedModel, describe
-from exo.models.hub import HubClient, HubError, check_repo_id
+from exo.models.hub import HubClient, HubError, is_repo_id
 from exo.models.store import ModelStore
 from exo.routing.consensus import ConsensusConfig
 from exo.routing.discovery import DiscoveredPeer, Discovery, parse_peer
@@ -298,7 +298,7 @@ class Node:
         model = self._config.preload_model
         if model is None:
             return
-        if self.model_card(ModelId(model)) is None and _is_repo_id(model):
+        if self.model_card(ModelId(model)) is None and is_repo_id(model):
             try:
                 card = await self.describe_hub_model(model, "main")
             except (HubError, UnsupportedModel) as e:
@@ -396,11 +396,3 @@ def _default_engine(flag: str | None) -> EngineName:
         return flag
     # An NVIDIA driver exposes /dev/nvidiactl; no need to import torch to find out.
     return default_engine(sys.platform, Path("/dev/nvidiactl").exists(), platform.machine())
-
-
-def _is_repo_id(model: str) -> bool:
-    try:
-        check_repo_id(model)
-    except ValueError:
-        return False
-    return True

@@ -47,7 +47,7 @@ from exo.api.translate import (
     model_object,
 )
 from exo.models.describe import UnsupportedModel
-from exo.models.hub import HubDenied, HubError, HubNotFound, check_repo_id
+from exo.models.hub import HubDenied, HubError, HubNotFound, check_repo_id, is_repo_id
 from exo.shared.types.base import Frozen
 from exo.shared.types.chat import ChatParams
 from exo.shared.types.cluster import ClusterStatus
@@ -420,10 +420,8 @@ async def _card_or_hub(
     card = backend.model_card(ModelId(model))
     if card is not None:
         return card
-    try:
-        check_repo_id(model)
-    except ValueError:
-        raise model_not_found(model) from None
+    if not is_repo_id(model):
+        raise model_not_found(model)
     card = await _describe(backend, model, "main", "model")
     if add:
         await _add(backend, settings, card)

@@ -49,8 +49,13 @@ class ModelArgs:
             )
         model_type = cast(ModelFamily, named)
         if config.get("rope_traditional"):
-            # An mlx-lm-only key (interleaved pairs); Hugging Face checkpoints rotate halves.
-            raise NotImplementedError("rope_traditional (interleaved RoPE) is not supported")
+            # An mlx-lm-only key (interleaved pairs); both engines rotate halves, as every
+            # Hugging Face checkpoint of these families does.
+            raise NotImplementedError(
+                "rope_traditional (interleaved RoPE) is not supported: both engines rotate "
+                "halves, as Hugging Face checkpoints of these families do; it waits for a "
+                "checkpoint that needs it"
+            )
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
         context = int(config.get("max_position_embeddings") or 2048)
@@ -121,7 +126,9 @@ def rope_inverse_frequencies(args: ModelArgs) -> npt.NDArray[np.float64]:
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
         return np.where(medium, blended, scaled)
-    # yarn, dynamic NTK and longrope wait for a model family that needs them.
+    # yarn, dynamic NTK and longrope wait for a model family that needs them by default
+    # (Qwen's yarn is opt-in; longrope is Phi-3's, not a family exo runs).
     raise NotImplementedError(
-        f"rope_scaling {scaling} is not supported (default, linear and llama3 are)"
+        f"rope_scaling {scaling} is not supported (default, linear and llama3 are; yarn, "
+        "dynamic NTK and longrope wait for a model family that ships with them)"
     )

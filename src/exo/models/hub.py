@@ -81,6 +81,14 @@ def check_repo_id(repo: str) -> str:
     return repo
 
 
+def is_repo_id(name: str) -> bool:
+    try:
+        check_repo_id(name)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class HubFile:
     path: str

@@ -116,10 +116,10 @@ def _apply_event(state: State, event: Event) -> State:
             models = {**state.models, card.model_id: card}
             return state.model_copy(update={"models": models, "removed_models": removed})
         case ModelRemoved(model_id=model_id):
-            progress = {key: p for key, p in state.model_progress.items() if p.model_id != model_id}
             card = state.models.get(model_id)
             if card is None:
                 return state
+            progress = {key: p for key, p in state.model_progress.items() if p.model_id != model_id}
             models = {m: c for m, c in state.models.items() if m != model_id}
             removed = {**state.removed_models, model_id: card.source}
             return state.model_copy(

@@ -101,9 +101,10 @@ def unpack_mlx(packed: Tensor, scales: Tensor, biases: Tensor, group_size: int) 
     n_in = scales.shape[1] * group_size
     bits = packed.shape[1] * 32 // n_in
     if bits not in range(2, 9) or packed.shape[1] * 32 != n_in * bits:
-        raise NotImplementedError(
-            f"{packed.shape[1] * 32 / n_in:g}-bit affine weights are not supported "
-            "(MLX's 2- to 8-bit layouts are)"
+        # Not a stub: no MLX layout has this width, so the checkpoint's shapes disagree.
+        raise ValueError(
+            f"{packed.shape[1] * 32 / n_in:g}-bit affine weights: not an MLX layout (2 to 8 "
+            "bits); the checkpoint's weight and scales shapes do not agree"
         )
     offsets = torch.arange(n_in, dtype=torch.int64) * bits
     first, shifts = offsets // 8, (offsets % 8).to(torch.int32)
