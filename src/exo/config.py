@@ -10,6 +10,9 @@ from exo.shared.types.base import Frozen
 DEFAULT_API_PORT = 52415
 DEFAULT_MESH_PORT = 52416
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+# The largest request body a node may be set to accept: a task's messages go to the first
+# stage's runner in one frame of at most 16 MiB, with the rest of the task beside them.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 def data_dir_default() -> Path:
@@ -48,6 +51,11 @@ class NodeConfig(Frozen):
     runner_load_timeout_s: float = Field(default=300.0, gt=0)
     # Added to a request's own budget: a silent runner fails the request, never hangs it.
     generation_stall_timeout_s: float = Field(default=120.0, gt=0)
+    # Last-resort bound on one request, queueing behind other requests included.
+    generation_timeout_s: float = Field(default=1800.0, gt=0)
+    # A request body past this is refused (413). A task's messages travel in the replicated
+    # log and in one runner frame (16 MiB), so the bound stays well below that.
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=MAX_REQUEST_BYTES)
     engine: str | None = None
     # Device telemetry: seconds between samples; --profile measures every device.
     telemetry_interval_s: float = Field(default=5.0, gt=0)

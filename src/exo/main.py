@@ -14,6 +14,7 @@ from exo.config import (
     DEFAULT_API_PORT,
     DEFAULT_HF_ENDPOINT,
     DEFAULT_MESH_PORT,
+    MAX_REQUEST_BYTES,
     NodeConfig,
     cache_dir_default,
     data_dir_default,
@@ -71,6 +72,34 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=float(os.environ.get("EXO_RUNNER_LOAD_TIMEOUT", "300")),
         help="seconds a runner may take to load its shard (default %(default)s)",
+    )
+    p.add_argument(
+        "--command-timeout",
+        type=float,
+        default=float(os.environ.get("EXO_COMMAND_TIMEOUT", "10")),
+        help="seconds the API waits for the master to accept or refuse a command "
+        "(env EXO_COMMAND_TIMEOUT, default %(default)s)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=float(os.environ.get("EXO_STALL_TIMEOUT", "120")),
+        help="seconds a running request may go without a token before it is cancelled "
+        "(504; env EXO_STALL_TIMEOUT, default %(default)s)",
+    )
+    p.add_argument(
+        "--generation-timeout",
+        type=float,
+        default=float(os.environ.get("EXO_GENERATION_TIMEOUT", "1800")),
+        help="seconds one request may take in all, queueing included "
+        "(env EXO_GENERATION_TIMEOUT, default %(default)s)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=int(os.environ.get("EXO_MAX_REQUEST_BYTES", str(4 * 1024 * 1024))),
+        help=f"largest request body the API reads (413 past it; at most {MAX_REQUEST_BYTES}; "
+        "env EXO_MAX_REQUEST_BYTES, default %(default)s)",
     )
     p.add_argument(
         "--telemetry-interval",
@@ -185,21 +214,18 @@ def _default_dashboard_dir() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "place":  # offline placement: `exo place --cluster C --model M`
-        from exo.place_cli import place_main
+def node_config_of(argv: list[str]) -> NodeConfig:
+    """The node's configuration from its flags (and environment). A value out of range is
+    the operator's mistake, answered like any other bad flag (usage and one line, exit 2),
+    not with a traceback."""
+    from pydantic import ValidationError
 
-        sys.exit(place_main(argv[1:]))
-    if argv and argv[0] == "devices":  # this machine's inventory: `exo devices [--json]`
-        from exo.worker.telemetry.cli import devices_main
-
-        sys.exit(devices_main(argv[1:]))
     parser = _parser()
     args = parser.parse_args(argv)
     _check_cluster_args(parser, args)
+
     dashboard: Path | None = args.dashboard_dir or _default_dashboard_dir()
-    config = NodeConfig(
+    fields = dict(
         api_host=args.api_host,
         api_port=args.api_port,
         data_dir=data_dir_default(),
@@ -211,6 +237,10 @@ def main(argv: list[str] | None = None) -> None:
         verbose=args.verbose,
         fsync=not args.no_fsync,
         runner_load_timeout_s=args.runner_load_timeout,
+        command_timeout_s=args.command_timeout,
+        generation_stall_timeout_s=args.stall_timeout,
+        generation_timeout_s=args.generation_timeout,
+        max_request_bytes=args.max_request_bytes,
         engine=args.engine,
         telemetry_interval_s=args.telemetry_interval,
         profile_devices=args.profile,
@@ -226,6 +256,34 @@ def main(argv: list[str] | None = None) -> None:
         member_timeout_s=args.member_timeout,
         link_interval_s=args.link_interval,
     )
+    try:
+        return NodeConfig.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_flag_of(str(error['loc'][0]))}: {error['msg']}" for error in exc.errors()
+        )
+        parser.error(problems)
+
+
+# NodeConfig fields whose flag is not the field's name (less a trailing "_s").
+_FLAGS = {"generation_stall_timeout_s": "--stall-timeout", "preload_model": "--model"}
+
+
+def _flag_of(field: str) -> str:
+    return _FLAGS.get(field) or "--" + field.removesuffix("_s").replace("_", "-")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "place":  # offline placement: `exo place --cluster C --model M`
+        from exo.place_cli import place_main
+
+        sys.exit(place_main(argv[1:]))
+    if argv and argv[0] == "devices":  # this machine's inventory: `exo devices [--json]`
+        from exo.worker.telemetry.cli import devices_main
+
+        sys.exit(devices_main(argv[1:]))
+    config = node_config_of(argv)
     setup_logging(config.log_dir, config.verbose)
     logger.info(f"data in {config.data_dir}, cache in {config.cache_dir}")
     from exo.node import Node  # after logging is set up: importing the node is not free

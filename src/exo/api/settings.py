@@ -2,7 +2,7 @@
 
 from pydantic import Field
 
-from exo.config import NodeConfig
+from exo.config import MAX_REQUEST_BYTES, NodeConfig
 from exo.shared.types.base import Frozen
 
 
@@ -25,7 +25,7 @@ class ApiSettings(Frozen):
     # A request body past this is refused (413) before it is read whole: a task's messages
     # travel in the replicated log and in one runner frame (MAX_FRAME_BYTES, 16 MiB). Four
     # MiB of text is about a million tokens, past any model's context.
-    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=MAX_REQUEST_BYTES)
 
     @classmethod
     def from_node_config(cls, config: NodeConfig) -> "ApiSettings":
@@ -33,4 +33,6 @@ class ApiSettings(Frozen):
             command_timeout_s=config.command_timeout_s,
             load_timeout_s=config.runner_load_timeout_s,
             stall_timeout_s=config.generation_stall_timeout_s,
+            generation_timeout_s=config.generation_timeout_s,
+            max_request_bytes=config.max_request_bytes,
         )
