@@ -29,8 +29,9 @@ class ConsensusConfig:
     join_retry_ticks: int = 10  # 500 ms
     # At most this many entries in one append message (and commands in one forward).
     max_append_entries: int = 256
-    # ... and at most this many bytes of them (JSON), though always at least one: the mesh
-    # refuses frames over 64 MiB, and a task's messages may be up to the API's 4 MiB.
+    # ... and at most this many bytes of them (JSON), though always at least one; also the
+    # size of a snapshot's chunks. The mesh refuses frames over 64 MiB, and a task's
+    # messages may be up to the API's 4 MiB (8 MiB at most).
     max_message_bytes: int = 16 * 1024 * 1024
     # A snapshot of the applied state every this many applied entries; the log keeps
     # the entries since the previous snapshot, so a follower a little behind gets entries.

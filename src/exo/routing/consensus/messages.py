@@ -1,5 +1,8 @@
 """What consensus nodes send each other (frozen, strict, JSON on the wire) and persist."""
 
+import base64
+import binascii
+import zlib
 from typing import Annotated, Literal
 
 from pydantic import Field
@@ -75,9 +78,47 @@ class AppendResponse(Frozen):
 
 
 class InstallSnapshot(Frozen):
+    """One chunk of the master's snapshot at (`index`, `snapshot_term`): the `offset`..
+    `offset + len(data)` characters of its encoding (`encode_snapshot`), `total` long.
+
+    A state can outgrow one mesh frame (64 MiB: a few dozen requests in flight, each with
+    up to 4 MiB of messages), so the snapshot travels in chunks of at most
+    `max_message_bytes`, each acknowledged (`SnapshotAck`) before the next is sent.
+    """
+
     kind: Literal["install_snapshot"] = "install_snapshot"
     term: int = Field(ge=0)
-    snapshot: Snapshot
+    index: int = Field(ge=-1)
+    snapshot_term: int = Field(ge=0)
+    offset: int = Field(ge=0)
+    total: int = Field(ge=1)
+    data: str
+
+
+class SnapshotAck(Frozen):
+    """A follower holds the first `received` characters of the snapshot at `index`: the
+    master sends the chunk that follows (0: start again, e.g. it held another snapshot)."""
+
+    kind: Literal["snapshot_ack"] = "snapshot_ack"
+    term: int = Field(ge=0)
+    index: int = Field(ge=-1)
+    received: int = Field(ge=0)
+
+
+def encode_snapshot(snapshot: Snapshot) -> str:
+    """A snapshot as ASCII for `InstallSnapshot` chunks: its JSON, compressed (a state of
+    requests' messages and telemetry shrinks several times), in base64."""
+    compressed = zlib.compress(snapshot.model_dump_json().encode(), level=1)
+    return base64.b64encode(compressed).decode("ascii")
+
+
+def decode_snapshot(text: str) -> Snapshot:
+    """The snapshot `encode_snapshot` gave; ValueError when `text` is not one."""
+    try:
+        raw = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+    except (binascii.Error, zlib.error, UnicodeEncodeError) as exc:
+        raise ValueError(f"not an encoded snapshot: {exc}") from exc
+    return Snapshot.model_validate_json(raw)
 
 
 class ForwardLocalEvents(Frozen):
@@ -122,6 +163,7 @@ ConsensusMessage = Annotated[
     | AppendEntries
     | AppendResponse
     | InstallSnapshot
+    | SnapshotAck
     | ForwardLocalEvents
     | ForwardCommands
     | CommandReplies

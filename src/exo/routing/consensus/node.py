@@ -47,8 +47,11 @@ from exo.routing.consensus.messages import (
     LeaveRequest,
     Packet,
     Snapshot,
+    SnapshotAck,
     VoteRequest,
     VoteResponse,
+    decode_snapshot,
+    encode_snapshot,
 )
 from exo.routing.consensus.outbox import Outbox
 from exo.routing.consensus.ready import Ready, Restored
@@ -83,7 +86,22 @@ class _Progress:
     next_index: int
     match_index: int
     last_heard: int
+    # While the follower needs the snapshot: when a chunk was last sent (a silent follower
+    # gets it again after an election timeout) and how much of it the follower holds.
     snapshot_sent: int | None = None
+    snapshot_index: int = -1
+    snapshot_offset: int = 0
+
+
+@dataclass
+class _Incoming:
+    """A follower's snapshot in transfer: the chunks received so far, in order."""
+
+    index: int
+    term: int
+    total: int
+    chunks: list[str]
+    received: int = 0
 
 
 class ConsensusNode:
@@ -113,6 +131,9 @@ class ConsensusNode:
         self.state = State()
         self._log = RaftLog()
         self._snapshot: Snapshot | None = None
+        # The master's snapshot encoded for InstallSnapshot chunks (encoded when first sent).
+        self._snapshot_wire: tuple[Snapshot, str] | None = None
+        self._incoming: _Incoming | None = None
         self._committed_members = Membership()
         self.members = Membership()
         self._now = 0
@@ -372,6 +393,9 @@ class ConsensusNode:
                 self._on_append(sender, cluster, message)
             case InstallSnapshot():
                 self._on_snapshot(sender, cluster, message)
+            case SnapshotAck():
+                if self.role == "leader" and message.term == self.term:
+                    self._on_snapshot_ack(sender, message)
             case AppendResponse():
                 if self.role == "leader" and message.term == self.term:
                     self._on_append_response(sender, message)
@@ -489,15 +513,11 @@ class ConsensusNode:
     def _send_append(self, node: NodeId) -> None:
         progress = self._progress[node]
         if progress.next_index <= self._log.base_index:
-            snapshot = self._snapshot
-            if snapshot is None:
-                raise RuntimeError("log compacted without a snapshot")
             due = progress.snapshot_sent is None or (
                 self._now - progress.snapshot_sent >= self._cfg.election_ticks
             )
             if due:
-                progress.snapshot_sent = self._now
-                self._send(node, InstallSnapshot(term=self.term, snapshot=snapshot))
+                self._send_snapshot_chunk(node, progress)
             return
         prev = progress.next_index - 1
         prev_term = self._log.term_at(prev)
@@ -519,6 +539,40 @@ class ConsensusNode:
         )
         progress.next_index = prev + 1 + len(entries)
 
+    def _send_snapshot_chunk(self, node: NodeId, progress: _Progress) -> None:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise RuntimeError("log compacted without a snapshot")
+        if self._snapshot_wire is None or self._snapshot_wire[0] is not snapshot:
+            self._snapshot_wire = (snapshot, encode_snapshot(snapshot))
+        wire = self._snapshot_wire[1]
+        if progress.snapshot_index != snapshot.index or progress.snapshot_offset >= len(wire):
+            progress.snapshot_index, progress.snapshot_offset = snapshot.index, 0
+        offset = progress.snapshot_offset
+        progress.snapshot_sent = self._now
+        self._send(
+            node,
+            InstallSnapshot(
+                term=self.term,
+                index=snapshot.index,
+                snapshot_term=snapshot.term,
+                offset=offset,
+                total=len(wire),
+                data=wire[offset : offset + self._cfg.max_message_bytes],
+            ),
+        )
+
+    def _on_snapshot_ack(self, sender: NodeId, ack: SnapshotAck) -> None:
+        progress = self._progress.get(sender)
+        if progress is None or progress.next_index > self._log.base_index:
+            return  # it no longer needs a snapshot (a late or duplicate ack)
+        progress.last_heard = self._now
+        if self._snapshot is not None and ack.index == self._snapshot.index:
+            progress.snapshot_index, progress.snapshot_offset = ack.index, ack.received
+        else:
+            progress.snapshot_offset = 0  # it held another snapshot than the one there is now
+        self._send_snapshot_chunk(sender, progress)
+
     def _on_append_response(self, sender: NodeId, response: AppendResponse) -> None:
         progress = self._progress.get(sender)
         if progress is None:
@@ -528,7 +582,7 @@ class ConsensusNode:
             progress.match_index = max(progress.match_index, response.match_index)
             progress.next_index = max(progress.next_index, progress.match_index + 1)
             if progress.snapshot_sent is not None and progress.match_index >= self._log.base_index:
-                progress.snapshot_sent = None
+                progress.snapshot_sent, progress.snapshot_offset = None, 0
             self._advance_commit()
             if progress.next_index <= self._log.last_index:
                 self._send_append(sender)
@@ -589,13 +643,20 @@ class ConsensusNode:
             ),
         )
 
-    def _on_snapshot(self, sender: NodeId, cluster: str | None, install: InstallSnapshot) -> None:
+    def _on_snapshot(self, sender: NodeId, cluster: str | None, chunk: InstallSnapshot) -> None:
         self._follow(sender, cluster)
-        snapshot = install.snapshot
-        if snapshot.index > self.commit:
-            if self._log.term_at(snapshot.index) == snapshot.term:
-                self._commit_to(snapshot.index)
+        if chunk.index > self.commit:
+            if self._log.term_at(chunk.index) == chunk.snapshot_term:
+                self._incoming = None
+                self._commit_to(chunk.index)  # it holds those entries: no transfer needed
             else:
+                snapshot = self._receive_chunk(chunk)
+                if snapshot is None:
+                    received = self._incoming.received if self._incoming is not None else 0
+                    self._send(
+                        sender, SnapshotAck(term=self.term, index=chunk.index, received=received)
+                    )
+                    return
                 self._install(snapshot)
         self._send(
             sender,
@@ -603,6 +664,34 @@ class ConsensusNode:
                 term=self.term, success=True, match_index=self.commit, hint_index=self.commit + 1
             ),
         )
+
+    def _receive_chunk(self, chunk: InstallSnapshot) -> Snapshot | None:
+        """The whole snapshot once `chunk` completes it, else None (`_incoming` then says
+        how much is held: the master sends on from there)."""
+        incoming = self._incoming
+        if incoming is None or (incoming.index, incoming.term, incoming.total) != (
+            chunk.index,
+            chunk.snapshot_term,
+            chunk.total,
+        ):
+            if chunk.offset != 0:
+                self._incoming = None  # a chunk of a snapshot it never began: from the start
+                return None
+            incoming = self._incoming = _Incoming(chunk.index, chunk.snapshot_term, chunk.total, [])
+        if chunk.offset != incoming.received or not chunk.data:
+            return None  # a duplicate or a stray: ask for what follows what it holds
+        incoming.chunks.append(chunk.data)
+        incoming.received += len(chunk.data)
+        if incoming.received < incoming.total:
+            return None
+        self._incoming = None
+        try:
+            snapshot = decode_snapshot("".join(incoming.chunks))
+        except ValueError:
+            return None  # not what the master encoded: ask for it again from the start
+        if (snapshot.index, snapshot.term) != (chunk.index, chunk.snapshot_term):
+            return None
+        return snapshot
 
     def _follow(self, master: NodeId, cluster: str | None) -> None:
         if self.role != "follower":
@@ -873,7 +962,12 @@ class ConsensusNode:
 def _term_of(message: ConsensusMessage) -> int:
     match message:
         case (
-            VoteRequest() | VoteResponse() | AppendEntries() | AppendResponse() | InstallSnapshot()
+            VoteRequest()
+            | VoteResponse()
+            | AppendEntries()
+            | AppendResponse()
+            | InstallSnapshot()
+            | SnapshotAck()
         ):
             return message.term
         case _:
