@@ -242,8 +242,9 @@ def test_a_manual_split_is_costed_and_refused_when_it_does_not_fit() -> None:
 
 def test_a_model_too_big_for_one_device_is_split_across_linked_nodes() -> None:
     a, b = NODES
-    # SmolLM2 needs ~98 MB of weights + 4096 tokens of KV (~94 MB) + 384 MiB CPU overhead.
-    room = 384 * (1 << 20) + 140_000_000
+    # SmolLM2 needs ~98 MB of weights + 4096 tokens of KV (~189 MB: torch holds it in
+    # float32 on CPU) + 384 MiB CPU overhead.
+    room = 384 * (1 << 20) + 220_000_000
     state = state_of(*cpu(a, room, 20e9), *cpu(b, room, 20e9), link_between(a, b))
     instance = placed(state)
     assert [s.node_id for s in instance.shards] in ([a, b], [b, a])

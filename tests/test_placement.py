@@ -33,7 +33,7 @@ def card(
         hidden_size=hidden,
         vocab_size=128256,
         context_length=8192,
-        dtype="q4_k",
+        dtype="bfloat16",
         bytes_per_layer=int(layer_gb * GB),
         bytes_non_layer=int(non_layer_gb * GB),
         kv_bytes_per_token_per_layer=4096,

@@ -35,6 +35,7 @@ from exo.master.solver.cost import (
     Problem,
     bytes_per_param,
     compile_problem,
+    holding,
     stage_decode_s,
     stage_prefill_s,
 )
@@ -215,7 +216,8 @@ def main() -> None:
 
     # The fit: time per layer = (weights + KV read) / (bandwidth x fraction) + layer overhead.
     slope, intercept = fit_line(list(stage_steps), list(stage_steps.values()))
-    layer_read = CARD.bytes_per_layer + CARD.kv_bytes_per_token_per_layer * position
+    held = holding(CARD, engine_name, "cpu")  # torch keeps the KV cache in float32 on CPU
+    layer_read = held.layer_bytes + held.kv_bytes_per_token_per_layer * position
     if kernel is not None:
         fraction = kernel[1] / (kernel[0] * bandwidth)
     else:  # no kernel-only probe: the whole per-layer time counts as weight reads

@@ -7,6 +7,7 @@ predictions all read the same compiled `Problem`, so they can never disagree.
 """
 
 import itertools
+import re
 
 from pydantic import Field
 
@@ -14,7 +15,7 @@ from exo.shared.types.base import Frozen
 from exo.shared.types.engines import EngineName
 from exo.shared.types.models import ModelCard
 from exo.shared.types.placement import EngineEfficiency, PlacementRequest, engine_for
-from exo.shared.types.topology import ClusterView, DeviceProfile
+from exo.shared.types.topology import ClusterView, DeviceKind, DeviceProfile
 
 # Bytes per weight of common storage formats (block formats include their scales).
 _BYTES_PER_PARAM: dict[str, float] = {
@@ -37,9 +38,84 @@ DEFAULT_CONTEXT = 4096
 Split = tuple[tuple[int, int], ...]
 
 
+# MLX's affine quantization: `bits`-bit values, a 16-bit scale and bias per `group` weights.
+_AFFINE = re.compile(r"q(\d)_affine_g(\d+)")
+
+
+def _affine(dtype: str) -> tuple[int, int] | None:
+    match = _AFFINE.fullmatch(dtype.lower())
+    return (int(match[1]), int(match[2])) if match else None
+
+
 def bytes_per_param(dtype: str) -> float:
+    affine = _affine(dtype)
+    if affine is not None:
+        bits, group = affine
+        return bits / 8 + 4 / group
     # Unknown formats count as 16-bit: that over-counts nothing but compute.
     return _BYTES_PER_PARAM.get(dtype.lower(), 2.0)
+
+
+_KV_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class Holding(Frozen):
+    """What a stage's engine keeps in a device's memory, per layer and for the embedding
+    and head, which need not be what the checkpoint stores (`holding`)."""
+
+    # e.g. "as stored", "bfloat16", "8-bit (stored 3-bit)"
+    weights: str
+    bytes_per_param: float = Field(gt=0)
+    layer_bytes: int = Field(ge=0)
+    non_layer_bytes: int = Field(ge=0)
+    kv_bytes_per_token_per_layer: int = Field(gt=0)
+
+
+def holding(card: ModelCard, engine: EngineName, kind: DeviceKind) -> Holding:
+    """How `engine` holds `card`'s model on a device of `kind` (docs/placement.md, "Memory"):
+
+    - MLX: the checkpoint as stored, 16-bit KV cache.
+    - torch on CUDA: every weight dequantized to bfloat16 (its CUDA format), bf16 KV.
+    - torch on CPU: 4- and 8-bit weights as stored (our kernels take them as they are);
+      2-, 3-, 5- and 6-bit ones as 8-bit; dense checkpoints quantized to 4-bit in groups of
+      32; the KV cache in float32 (the CPU's activation dtype).
+
+    The embedding and head scale like the layers, never below what is stored (a dense
+    checkpoint's table stays dense on CPU). `$EXO_TORCH_WEIGHTS` on a node overrides its
+    format; placement does not see that.
+    """
+    stored = bytes_per_param(card.dtype)
+    kv = card.kv_bytes_per_token_per_layer
+    if engine == "mlx":
+        return Holding(
+            weights="as stored",
+            bytes_per_param=stored,
+            layer_bytes=card.bytes_per_layer,
+            non_layer_bytes=card.bytes_non_layer,
+            kv_bytes_per_token_per_layer=kv,
+        )
+    if kind == "cpu":
+        affine = _affine(card.dtype)
+        if affine is not None and affine[0] in (4, 8):
+            held, weights = stored, "as stored"
+        elif affine is not None:
+            held, weights = 1 + 4 / affine[1], f"8-bit (stored {affine[0]}-bit)"
+        elif card.dtype.lower() in _BYTES_PER_PARAM and stored < 2.0:
+            held, weights = stored, "as stored"  # GGUF blocks, int8, fp8: already small
+        else:
+            held, weights = bytes_per_param("q4_affine_g32"), f"4-bit (stored {card.dtype})"
+        kv_held = kv * 4 // _KV_BYTES.get(card.kv_dtype.lower(), 2)
+    else:
+        held, weights = 2.0, "bfloat16" if card.dtype.lower() != "bfloat16" else "as stored"
+        kv_held = kv * 2 // _KV_BYTES.get(card.kv_dtype.lower(), 2)
+    ratio = held / stored
+    return Holding(
+        weights=weights,
+        bytes_per_param=held,
+        layer_bytes=round(card.bytes_per_layer * ratio),
+        non_layer_bytes=round(card.bytes_non_layer * max(ratio, 1.0)),
+        kv_bytes_per_token_per_layer=max(1, kv_held),
+    )
 
 
 def activation_bytes(card: ModelCard) -> int:
@@ -58,6 +134,12 @@ class DeviceTerms(Frozen):
 
     device: DeviceProfile
     engine: EngineName
+    # How the engine holds the weights here, and the bytes that takes (`holding`); KV at
+    # the problem's context.
+    weights: str
+    layer_bytes: int = Field(ge=0)
+    kv_bytes_per_layer: int = Field(ge=0)
+    non_layer_bytes: int = Field(ge=0)
     layer_decode_s: float
     head_decode_s: float
     layer_prefill_s: float
@@ -76,8 +158,6 @@ class Problem(Frozen):
     card: ModelCard
     request: PlacementRequest
     context_length: int
-    layer_bytes: int
-    kv_bytes_per_layer: int
     devices: tuple[DeviceTerms, ...]
     # [i][j]: activation hand-off i -> j (None: no link between their nodes).
     handoff_s: tuple[tuple[float | None, ...], ...]
@@ -112,32 +192,39 @@ def device_terms(
     card: ModelCard, device: DeviceProfile, request: PlacementRequest, ctx: int
 ) -> DeviceTerms:
     params = request.params
-    per_layer = card.bytes_per_layer + card.kv_bytes_per_token_per_layer * ctx
+    eff = efficiency_of(device, request)
+    held = holding(card, eff.engine, device.kind)
+    kv_per_layer = held.kv_bytes_per_token_per_layer * ctx
+    per_layer = held.layer_bytes + kv_per_layer
     usable = int(device.memory_free_bytes * (1.0 - params.memory_margin))
     overhead = params.overhead_bytes(device.kind)
     room = usable - overhead
     middle = max(0, min(card.n_layers, room // per_layer))
-    end = max(0, min(card.n_layers, (room - card.bytes_non_layer) // per_layer))
-    eff = efficiency_of(device, request)
+    end = max(0, min(card.n_layers, (room - held.non_layer_bytes) // per_layer))
     bandwidth = device.memory_bandwidth_bytes_per_s * eff.bandwidth_fraction
     layer_flops = 2.0 * card.bytes_per_layer / bytes_per_param(card.dtype)
-    # The output head is the embedding matrix (tied) or a same-sized one: never more than all non-layer bytes.
+    # The output head is the embedding matrix (tied) or a same-sized one: never more than
+    # all non-layer bytes.
     head_bytes = min(
-        card.bytes_non_layer, card.vocab_size * card.hidden_size * bytes_per_param(card.dtype)
+        held.non_layer_bytes, card.vocab_size * card.hidden_size * held.bytes_per_param
     )
     prompt = request.reference_prompt_tokens
     # Decoding at the reference position reads that many tokens of KV cache per layer.
-    decode_read = card.bytes_per_layer + card.kv_bytes_per_token_per_layer * prompt
+    decode_read = held.layer_bytes + held.kv_bytes_per_token_per_layer * prompt
     # Decode has no compute term: one token is a matrix-vector product (~3 flops per weight
     # byte at 4 bits), memory-bound on every device, and the engine's measured fraction
     # already holds whatever else slows it. Prefill is batched matmuls: the roofline.
     compute_fraction = eff.compute_fraction or params.compute_efficiency
     prefill = _prefill_roofline(
-        card.bytes_per_layer, layer_flops * prompt, device, bandwidth, compute_fraction
+        held.layer_bytes, layer_flops * prompt, device, bandwidth, compute_fraction
     )
     return DeviceTerms(
         device=device,
         engine=eff.engine,
+        weights=held.weights,
+        layer_bytes=held.layer_bytes,
+        kv_bytes_per_layer=kv_per_layer,
+        non_layer_bytes=held.non_layer_bytes,
         layer_decode_s=decode_read / bandwidth + eff.layer_overhead_s,
         head_decode_s=head_bytes / bandwidth,
         layer_prefill_s=prefill + eff.layer_overhead_s,
@@ -191,8 +278,6 @@ def compile_problem(
         card=card,
         request=request,
         context_length=ctx,
-        layer_bytes=card.bytes_per_layer,
-        kv_bytes_per_layer=card.kv_bytes_per_token_per_layer * ctx,
         devices=tuple(device_terms(card, d, request, ctx) for d in devices),
         handoff_s=tuple(tuple(r) for r in handoff),
         handoff_prefill_s=tuple(tuple(r) for r in prefill),

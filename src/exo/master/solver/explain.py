@@ -3,7 +3,14 @@
 import math
 from collections.abc import Callable
 
-from exo.master.solver.cost import Problem, Split, device_terms, max_layers, routable
+from exo.master.solver.cost import (
+    DeviceTerms,
+    Problem,
+    Split,
+    device_terms,
+    max_layers,
+    routable,
+)
 from exo.master.solver.report import memory_use
 from exo.shared.types.placement import ClusterChange, DeviceShortfall, ManualStage, PlacementError
 from exo.shared.types.topology import DeviceId, DeviceProfile
@@ -61,15 +68,15 @@ def _fitting_context(problem: Problem) -> int | None:
 
 
 def _smallest_free(
-    problem: Problem, caps_with: Callable[[int], tuple[list[int], list[int]]]
+    problem: Problem, caps_with: Callable[[int], tuple[list[int], list[int]]], grown: DeviceTerms
 ) -> int | None:
-    """The fewest free bytes for which `caps_with(bytes)` holds every layer (monotone: bisect)."""
+    """The fewest free bytes for which `caps_with(bytes)` holds every layer (monotone:
+    bisect); `grown` is the device whose free bytes vary, as it holds the model."""
     params = problem.request.params
     whole = (
-        problem.n_layers * (problem.layer_bytes + problem.kv_bytes_per_layer)
-        + problem.card.bytes_non_layer
+        problem.n_layers * (grown.layer_bytes + grown.kv_bytes_per_layer) + grown.non_layer_bytes
     )
-    hi = math.ceil((whole + params.overhead_cuda_bytes) / (1 - params.memory_margin)) + 1
+    hi = math.ceil((whole + grown.overhead_bytes) / (1 - params.memory_margin)) + 1
 
     def enough(free: int) -> bool:
         mid, end = caps_with(free)
@@ -84,16 +91,25 @@ def _smallest_free(
     return lo
 
 
+def _terms_of(problem: Problem, device: DeviceProfile) -> DeviceTerms:
+    return device_terms(problem.card, device, problem.request, problem.context_length)
+
+
 def _caps_of(problem: Problem, device: DeviceProfile) -> tuple[int, int]:
-    t = device_terms(problem.card, device, problem.request, problem.context_length)
+    t = _terms_of(problem, device)
     return t.max_layers_middle, t.max_layers_end
+
+
+def _new_device(problem: Problem) -> DeviceProfile:
+    # A new GPU: CUDA has the largest runtime overhead, and torch holds its weights in
+    # bfloat16 there, so the answer holds for any kind of a quantized model.
+    return problem.devices[0].device.model_copy(update={"kind": "cuda"})
 
 
 def _with_new_device(problem: Problem) -> Callable[[int], tuple[list[int], list[int]]]:
     mid = [t.max_layers_middle for t in problem.devices]
     end = [t.max_layers_end for t in problem.devices]
-    # A new GPU: CUDA has the largest runtime overhead, so the answer holds for any kind.
-    template = problem.devices[0].device.model_copy(update={"kind": "cuda"})
+    template = _new_device(problem)
 
     def caps(free: int) -> tuple[list[int], list[int]]:
         m, e = _caps_of(problem, template.model_copy(update={"memory_free_bytes": free}))
@@ -117,7 +133,6 @@ def _with_more_on(problem: Problem, d: int) -> Callable[[int], tuple[list[int], 
 
 def infeasible(problem: Problem, left_out: tuple[DeviceShortfall, ...]) -> PlacementError:
     n = problem.n_layers
-    per_layer = problem.layer_bytes + problem.kv_bytes_per_layer
     if not problem.devices:
         return PlacementError(reason="no eligible device", devices=left_out)
     held = _capacity(problem)
@@ -131,7 +146,7 @@ def infeasible(problem: Problem, left_out: tuple[DeviceShortfall, ...]) -> Place
     more = [
         (x, d)
         for d in range(len(problem.devices))
-        if (x := _smallest_free(problem, _with_more_on(problem, d))) is not None
+        if (x := _smallest_free(problem, _with_more_on(problem, d), problem.devices[d])) is not None
     ]
     if more:
         extra, d = min(more)
@@ -141,7 +156,9 @@ def infeasible(problem: Problem, left_out: tuple[DeviceShortfall, ...]) -> Place
                 kind="free_memory", bytes=extra, description=f"free {extra} more bytes on {where}"
             )
         )
-    new_device = _smallest_free(problem, _with_new_device(problem))
+    new_device = _smallest_free(
+        problem, _with_new_device(problem), _terms_of(problem, _new_device(problem))
+    )
     if new_device is not None:
         changes.append(
             ClusterChange(
@@ -164,7 +181,7 @@ def infeasible(problem: Problem, left_out: tuple[DeviceShortfall, ...]) -> Place
     short = (
         math.floor(new_device * (1 - params.memory_margin)) - params.overhead_cuda_bytes
         if new_device is not None
-        else (n - held) * per_layer
+        else (n - held) * max(t.layer_bytes + t.kv_bytes_per_layer for t in problem.devices)
     )
     total_free = sum(t.device.memory_free_bytes for t in problem.devices)
     shorts = [
@@ -177,7 +194,9 @@ def infeasible(problem: Problem, left_out: tuple[DeviceShortfall, ...]) -> Place
             reason=(
                 f"holds at most {t.max_layers_middle} of {n} layers"
                 if t.max_layers_middle
-                else f"cannot hold one layer: needs {per_layer + t.overhead_bytes} bytes, has {t.usable_bytes} usable"
+                else f"cannot hold one layer: needs "
+                f"{t.layer_bytes + t.kv_bytes_per_layer + t.overhead_bytes} bytes, has "
+                f"{t.usable_bytes} usable"
             ),
         )
         for t in problem.devices

@@ -21,9 +21,10 @@ from exo.shared.types.placement import (
 
 def memory_use(problem: Problem, device: int, layers: int, end: bool) -> MemoryUse:
     terms = problem.devices[device]
-    weights = layers * problem.layer_bytes + (problem.card.bytes_non_layer if end else 0)
-    kv = layers * problem.kv_bytes_per_layer
+    weights = layers * terms.layer_bytes + (terms.non_layer_bytes if end else 0)
+    kv = layers * terms.kv_bytes_per_layer
     return MemoryUse(
+        weights_format=terms.weights,
         weights_bytes=weights,
         kv_cache_bytes=kv,
         overhead_bytes=terms.overhead_bytes,

@@ -148,6 +148,9 @@ def engine_for(kind: DeviceKind, request: PlacementRequest) -> EngineName | None
 
 
 class MemoryUse(Frozen):
+    # How the stage's engine holds the weights on this device ("as stored", "bfloat16",
+    # "8-bit (stored 3-bit)", ...): `weights_bytes` counts them so, not as the checkpoint.
+    weights_format: str
     weights_bytes: int
     kv_cache_bytes: int
     overhead_bytes: int
