@@ -5,8 +5,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.daemon import Daemon, start_cluster
+
+# Property tests check our code, not how fast their strategies draw: on a busy 2-core
+# machine the first draws of a strategy that builds pydantic models took 1.3 s and failed
+# Hypothesis's generation-speed check (test_apply, 2026-12-07). No per-example deadline
+# either, for the same reason.
+settings.register_profile("exo", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("exo")
 
 BUILTIN = "smollm2-135m-instruct"
 # Every daemon of the session shares one inductor cache (warmed by `shared_models`) instead
