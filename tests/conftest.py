@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.daemon import Daemon, start_cluster
+from tests.fake_hub import FakeRepo
 
 # Property tests check our code, not how fast their strategies draw: on a busy 2-core
 # machine the first draws of a strategy that builds pydantic models took 1.3 s and failed
@@ -61,3 +62,26 @@ def cluster(tmp_path: Path, shared_models: Path) -> Iterator[list[Daemon]]:
         for daemon in daemons:
             if daemon.process is not None and daemon.process.poll() is None:
                 daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def builtin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in model converted into a store of its own."""
+    from exo.models.store import ModelStore
+
+    return ModelStore(tmp_path_factory.mktemp("builtin")).ensure(BUILTIN)
+
+
+@pytest.fixture
+def repo(builtin_dir: Path) -> FakeRepo:
+    """The built-in model's converted files as a hub repository (tests/fake_hub.py), plus a
+    README the store must not download."""
+    from exo.models.convert import MARKER_NAME
+
+    files = {
+        p.name: p.read_bytes()
+        for p in builtin_dir.iterdir()
+        if p.is_file() and p.name != MARKER_NAME
+    }
+    files["README.md"] = b"# not downloaded\n"
+    return FakeRepo(files)

@@ -27,6 +27,7 @@ from exo.api.settings import ApiSettings
 from exo.models.cards import SMOLLM2_135M_INSTRUCT
 from exo.models.describe import UnsupportedModel
 from exo.models.hub import HubDenied, HubError, HubNotFound
+from exo.models.store import ModelStore
 from exo.shared.apply import apply
 from exo.shared.types.cluster import ClusterStatus
 from exo.shared.types.commands import (
@@ -143,6 +144,8 @@ class ScriptedBackend:
     silent_master: bool = False
     # What the hub holds: repo -> its card, or the error reading it raises.
     hub: dict[str, ModelCard | Exception] = field(default_factory=dict[str, ModelCard | Exception])
+    # The node's model store, whose hub downloads the API serves to peers.
+    store: ModelStore | None = None
     commands: list[Command] = field(default_factory=list[Command])
     events: list[IndexedEvent] = field(default_factory=list[IndexedEvent])
     _state: State = field(default_factory=State)
@@ -185,6 +188,12 @@ class ScriptedBackend:
 
     def model_card(self, model_id: ModelId) -> ModelCard | None:
         return next((c for c in self.cards if c.model_id == model_id), None)
+
+    def model_file(self, repo: str, commit: str, path: str) -> Path | None:
+        return None if self.store is None else self.store.served_file(repo, commit, path)
+
+    def model_listing(self, repo: str, commit: str) -> bytes | None:
+        return None if self.store is None else self.store.served_listing(repo, commit)
 
     async def describe_hub_model(self, repo: str, revision: str) -> ModelCard:
         found = self.hub.get(repo, HubNotFound(f"{repo}@{revision}: not found on the hub"))

@@ -108,7 +108,8 @@ SHARDED = "exo-test/smollm2-sharded"
 def test_a_pipeline_of_a_sharded_hub_model_fetches_each_stage_s_files_on_its_node(
     tmp_path: Path, shared_models: Path, hub: FakeHub
 ) -> None:
-    """Two nodes, one stage each: each node downloads only the files its layers are in."""
+    """Two nodes, one stage each: each node downloads only the files its layers are in;
+    then one node runs the whole model and takes the file it lacks from the other."""
     # The embedding in a file of its own (both stages read it: the head is tied), then
     # layers 0-14 and 15-29 (with the final norm).
     repo = FakeRepo(dict(hub.repos[REPO].files))
@@ -142,6 +143,33 @@ def test_a_pipeline_of_a_sharded_hub_model_fetches_each_stage_s_files_on_its_nod
         ]
         assert {first, embedding} <= held[0] and second not in held[0]
         assert {second, embedding} <= held[1] and first not in held[1]
+
+        # The whole model on the second node: the first stage's file comes from the first
+        # node (a peer that holds it, over its API on the LAN), not again from the hub.
+        def whole_downloads(name: str) -> int:
+            # Whole transfers only: reading the card takes header ranges.
+            served = [p for p, r in hub.requests if p.startswith("/cdn/") and r is None]
+            return sum(1 for p in served if p.endswith(f"/{name}"))
+
+        from_hub = whole_downloads(first)
+        assert from_hub == 1
+        for view in nodes[0].get("/instances")["data"]:
+            iid = view["instance"]["instance_id"]
+            httpx.delete(f"{nodes[0].url}/instances/{iid}", timeout=30.0).raise_for_status()
+        whole = [{"node_id": ids[1], "engine": "torch", "start_layer": 0, "end_layer": 30}]
+        placed = httpx.post(
+            f"{nodes[1].url}/instances", json={"model": SHARDED, "stages": whole}, timeout=60.0
+        )
+        assert placed.status_code == 201, placed.text
+        nodes[1].wait_ready(SHARDED, timeout_s=300.0)
+        assert _greedy(nodes[1], SHARDED) == _greedy(nodes[1], BUILTIN) != ""
+        store1 = nodes[1].home / "cache" / "models" / "exo-test--smollm2-sharded"
+        assert (store1 / first).read_bytes() == repo.files[first]
+        assert whole_downloads(first) == from_hub, nodes[1].output()
+        peer_api = f"{nodes[0].url}/hub"
+        assert f"{SHARDED}/{first}: {len(repo.files[first])} bytes from {peer_api}" in (
+            nodes[1].output()
+        )
     finally:
         for node in nodes:
             node.stop()

@@ -23,26 +23,9 @@ from exo.models.hub import (
 from exo.models.store import ModelStore
 from exo.shared.types.ids import ModelId
 from exo.shared.types.models import ModelCard
-from tests.conftest import BUILTIN
 from tests.fake_hub import FakeHub, FakeRepo, serving, sharded
 
 REPO = "exo-test/smollm2-copy"
-
-
-@pytest.fixture(scope="module")
-def builtin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ModelStore(tmp_path_factory.mktemp("builtin")).ensure(BUILTIN)
-
-
-@pytest.fixture
-def repo(builtin_dir: Path) -> FakeRepo:
-    files = {
-        p.name: p.read_bytes()
-        for p in builtin_dir.iterdir()
-        if p.is_file() and p.name != MARKER_NAME
-    }
-    files["README.md"] = b"# not downloaded\n"
-    return FakeRepo(files)
 
 
 @pytest.fixture

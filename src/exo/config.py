@@ -43,6 +43,8 @@ class NodeConfig(Frozen):
     # HTTP), and the token for gated or private repositories.
     hf_endpoint: str = DEFAULT_HF_ENDPOINT
     hf_token: str | None = Field(default=None, repr=False)
+    # Serve this node's hub downloads to peers (`/hub/...` on the API port).
+    share_models: bool = True
     verbose: bool = False
     # fsync every log batch before it is applied or acked (off only for throwaway tests).
     fsync: bool = True

@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
         "(env HF_ENDPOINT, default %(default)s); HF_TOKEN opens gated or private ones",
     )
     p.add_argument(
+        "--no-share-models",
+        action="store_true",
+        default=os.environ.get("EXO_SHARE_MODELS", "1") == "0",
+        help="do not serve this node's hub downloads to peers over the API "
+        "(env EXO_SHARE_MODELS=0); peers then download from the hub themselves",
+    )
+    p.add_argument(
         "--engine",
         choices=["mlx", "torch"],
         default=os.environ.get("EXO_ENGINE"),
@@ -234,6 +241,7 @@ def node_config_of(argv: list[str]) -> NodeConfig:
         preload_model=args.model,
         hf_endpoint=args.hf_endpoint,
         hf_token=os.environ.get("HF_TOKEN") or None,
+        share_models=not args.no_share_models,
         verbose=args.verbose,
         fsync=not args.no_fsync,
         runner_load_timeout_s=args.runner_load_timeout,

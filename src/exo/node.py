@@ -86,6 +86,10 @@ class Node:
                 card_for=lambda model_id: card_in(self._cluster.state, model_id),
                 hub_endpoint=config.hf_endpoint,
                 hub_token=config.hf_token,
+                # Called from the worker's thread; the mesh is read on the event loop.
+                peers_for=lambda model_id: anyio.from_thread.run_sync(
+                    self._peers_holding, model_id
+                ),
             )
             self._mesh = Mesh(
                 MeshConfig(
@@ -130,6 +134,33 @@ class Node:
 
     def model_card(self, model_id: ModelId) -> ModelCard | None:
         return card_in(self._cluster.state, model_id)
+
+    def model_file(self, repo: str, commit: str, path: str) -> Path | None:
+        if not self._config.share_models:
+            return None
+        return self._models.served_file(repo, commit, path)
+
+    def model_listing(self, repo: str, commit: str) -> bytes | None:
+        if not self._config.share_models:
+            return None
+        return self._models.served_listing(repo, commit)
+
+    def _peers_holding(self, model_id: ModelId) -> list[str]:
+        """Where this node can fetch a hub model's files from its peers: the `/hub` routes
+        of connected nodes whose store finished preparing it (for their stage: one that
+        lacks a file answers 404 and the next source serves it), nearest first."""
+        state = self._cluster.state
+        found: list[tuple[float, str]] = []
+        for node_id, peer in self._mesh.peers().items():
+            info = state.nodes.get(node_id)
+            progress = state.model_progress.get(f"{node_id}/{model_id}")
+            if info is None or info.status != "up" or progress is None or not progress.complete:
+                continue
+            host = peer.remote[0]
+            host = f"[{host}]" if ":" in host else host
+            rtt = peer.rtt_s if peer.rtt_s is not None else float("inf")
+            found.append((rtt, f"http://{host}:{info.api_port}/hub"))
+        return [url for _rtt, url in sorted(found)]
 
     async def describe_hub_model(self, repo: str, revision: str) -> ModelCard:
         def read() -> ModelCard:

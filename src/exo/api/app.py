@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Match, Route
 
 from exo.api.backend import ApiBackend
@@ -407,9 +407,34 @@ def create_app(
         )
         return reply.model_dump(mode="json")
 
+    # --- a hub model's files, for peers (the hub's own paths, under /hub) ---------------
+
+    @app.get("/hub/api/models/{owner}/{name}/tree/{commit}", tags=["cluster"], response_model=None)
+    async def hub_listing(owner: str, name: str, commit: str) -> Response:  # pyright: ignore[reportUnusedFunction]
+        repo = f"{owner}/{name}"
+        listing = await anyio.to_thread.run_sync(backend.model_listing, repo, commit)
+        if listing is None:
+            raise _not_held(repo, commit)
+        return Response(listing, media_type="application/json")
+
+    @app.get(
+        "/hub/{owner}/{name}/resolve/{commit}/{path:path}", tags=["cluster"], response_model=None
+    )
+    async def hub_file(owner: str, name: str, commit: str, path: str) -> Response:  # pyright: ignore[reportUnusedFunction]
+        repo = f"{owner}/{name}"
+        found = await anyio.to_thread.run_sync(backend.model_file, repo, commit, path)
+        if found is None:
+            raise _not_held(repo, commit, path)
+        return FileResponse(found)  # answers Range requests: a peer resumes a part file
+
     _with_body_schemas(app, [ChatCompletionRequest, PlaceInstanceRequest, AddModelRequest])
     mount_dashboard(app, dashboard_dir)
     return app
+
+
+def _not_held(repo: str, commit: str, path: str | None = None) -> ApiError:
+    what = f"{repo}@{commit}" + (f" {path}" if path else "")
+    return ApiError(404, f"This node holds no complete copy of {what}.", code="not_held")
 
 
 async def _card_or_hub(

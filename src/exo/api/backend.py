@@ -2,6 +2,7 @@
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Protocol
 
 from anyio.abc import ObjectReceiveStream
@@ -35,6 +36,15 @@ class ApiBackend(Protocol):
         """The card of a hub repository at `revision`'s commit, read from the hub (no weights).
 
         Raises `exo.models.hub.HubError` (and its kinds) or `UnsupportedModel`."""
+        ...
+
+    def model_file(self, repo: str, commit: str, path: str) -> Path | None:
+        """A whole, checked file of hub model `repo` at `commit` in this node's store (None:
+        not here), served to peers that download it. Blocks (disk): call from a thread."""
+        ...
+
+    def model_listing(self, repo: str, commit: str) -> bytes | None:
+        """The hub's file listing of `repo` at `commit`, as this node's download read it."""
         ...
 
     async def send_command(self, command: Command) -> CommandReply:

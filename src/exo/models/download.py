@@ -7,12 +7,19 @@ lacks. Files land in the model's directory as `<file>.part`, resume from their l
 any interruption (a crash included), and take their real name only once their size and
 digest match the hub's listing. The marker, rewritten atomically after every download,
 lists the files present; the engines read only complete `*.safetensors` files.
+
+The files may come from several sources in turn (`sources`): peers of the cluster that
+hold them, which serve what they downloaded the hub's way (`served_file`,
+`served_listing`), then the hub itself. Each file is still checked against the hub's
+listing, and a file a source lacks or serves wrong is fetched from the next.
 """
 
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from loguru import logger
 from pydantic import BaseModel, ValidationError
 
 from exo.models.architecture import layer_of
@@ -26,11 +33,13 @@ from exo.models.convert import (
     require_free_space,
 )
 from exo.models.describe import wanted_files
-from exo.models.hub import HubClient, HubFile, HubSource
+from exo.models.hub import HubClient, HubError, HubFile, HubSource, listing_json
 
 INDEX_NAME = "model.safetensors.index.json"
 # Which commit the files in a model's directory belong to, written before the first of them.
 _SOURCE_STAMP = ".exo_source"
+# The hub's listing of the model's files (sizes, digests), served to peers.
+_LISTING = ".exo_listing.json"
 
 
 class _Index(BaseModel):
@@ -75,25 +84,29 @@ def _weight_files(weight_map: dict[str, str], n_layers: int, layers: range) -> s
 
 
 def download_model(
-    client: HubClient,
+    sources: Sequence[HubClient],
     source: HubSource,
     out_dir: Path,
     on_progress: ProgressCallback | None,
     n_layers: int,
     layers: range | None = None,
 ) -> None:
-    """Bring `out_dir` to hold what a stage of `layers` (None: every layer) needs."""
+    """Bring `out_dir` to hold what a stage of `layers` (None: every layer) needs, from the
+    first of `sources` that has each file (peers first, the hub last)."""
+    if not sources:
+        raise ValueError("no source to download from")
     _claim(out_dir, source)
     record = read_record(out_dir)
-    files = wanted_files(client.files(source.repo, source.commit))
+    files = wanted_files(_listing(sources, source))
+    _write_atomically(out_dir / _LISTING, listing_json(files))
     by_path = {f.path: f for f in files}
     weight_map = None
     if INDEX_NAME in by_path:
-        _fetch(client, source, out_dir, [by_path[INDEX_NAME]], None)  # small: no progress
+        _fetch(sources, source, out_dir, [by_path[INDEX_NAME]], None)  # small: no progress
         weight_map = _weight_map(out_dir / INDEX_NAME)
     wanted = needed_files(files, weight_map, n_layers, layers or range(n_layers))
     present: set[str] = set(record.files or ()) if record is not None else set()
-    _fetch(client, source, out_dir, wanted, on_progress)
+    _fetch(sources, source, out_dir, wanted, on_progress)
     have = present | {f.path for f in wanted}
     _write_record(
         out_dir,
@@ -105,6 +118,38 @@ def download_model(
             files=tuple(sorted(have)),
         ),
     )
+
+
+def served_file(out_dir: Path, source: HubSource, path: str) -> Path | None:
+    """A whole, checked file of `source`'s commit that `out_dir` holds (None: not here)."""
+    if stored_source(out_dir) != source:
+        return None
+    record = read_record(out_dir)
+    if record is None or record.files is None or path not in record.files:
+        return None
+    found = out_dir / path
+    return found if found.is_file() else None
+
+
+def served_listing(out_dir: Path, source: HubSource) -> bytes | None:
+    """The hub's listing of `source`'s files, as this directory's download read it."""
+    if stored_source(out_dir) != source:
+        return None
+    try:
+        return (out_dir / _LISTING).read_bytes()
+    except OSError:
+        return None
+
+
+def _listing(sources: Sequence[HubClient], source: HubSource) -> list[HubFile]:
+    failure: HubError | None = None
+    for client in sources:
+        try:
+            return client.files(source.repo, source.commit)
+        except HubError as e:
+            failure = e  # the last source's reason (the hub's) is the one reported
+    assert failure is not None
+    raise failure
 
 
 def stored_source(out_dir: Path) -> HubSource | None:
@@ -127,7 +172,7 @@ def _claim(out_dir: Path, source: HubSource) -> None:
 
 
 def _fetch(
-    client: HubClient,
+    sources: Sequence[HubClient],
     source: HubSource,
     out_dir: Path,
     files: list[HubFile],
@@ -149,8 +194,29 @@ def _fetch(
         dest = out_dir / file.path
         if dest.exists() and dest.stat().st_size == file.size:
             continue  # verified before it was renamed from its part file
-        client.download(source.repo, source.commit, file, dest, progress.advance)
+        _download(sources, source, file, dest, progress.advance)
     progress.finish()
+
+
+def _download(
+    sources: Sequence[HubClient],
+    source: HubSource,
+    file: HubFile,
+    dest: Path,
+    on_bytes: Callable[[int], None],
+) -> None:
+    """From the first source that serves `file` whole and right; the part file one source
+    left is resumed by the next (same commit, same bytes)."""
+    for n, client in enumerate(sources):
+        try:
+            client.download(source.repo, source.commit, file, dest, on_bytes)
+        except HubError as e:
+            if n == len(sources) - 1:
+                raise
+            logger.info(f"{source.repo}/{file.path}: not from {client.endpoint} ({e})")
+            continue
+        logger.info(f"{source.repo}/{file.path}: {file.size} bytes from {client.endpoint}")
+        return
 
 
 def _weight_map(index: Path) -> dict[str, str]:
@@ -164,6 +230,10 @@ def _weight_map(index: Path) -> dict[str, str]:
 
 def _write_record(out_dir: Path, record: ConversionRecord) -> None:
     """Replace the marker atomically: a reader sees the old list or the new one."""
-    staging = out_dir / f".{MARKER_NAME}.new"
-    staging.write_text(record.model_dump_json(indent=2))
-    staging.replace(out_dir / MARKER_NAME)
+    _write_atomically(out_dir / MARKER_NAME, record.model_dump_json(indent=2).encode())
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    staging = path.with_name(f".{path.name}.new")
+    staging.write_bytes(content)
+    staging.replace(path)

@@ -126,9 +126,14 @@ class HubSource:
 
 class HubClient:
     def __init__(
-        self, endpoint: str = DEFAULT_HF_ENDPOINT, token: str | None = None, timeout_s: float = 30.0
+        self,
+        endpoint: str = DEFAULT_HF_ENDPOINT,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        retry_waits_s: tuple[float, ...] = _RETRY_WAITS_S,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
+        self._retry_waits_s = retry_waits_s
         headers = {"user-agent": "exo"}
         if token:
             headers["authorization"] = f"Bearer {token}"
@@ -194,7 +199,7 @@ class HubClient:
         when the finished file does not match the listing (the part file is removed)."""
         part = dest.with_name(dest.name + ".part")
         url = self._file_url(repo, commit, file.path)
-        waits = iter(_RETRY_WAITS_S)
+        waits = iter(self._retry_waits_s)
         while True:
             before = part.stat().st_size if part.exists() else 0
             try:
@@ -271,6 +276,22 @@ def _raise_for(response: httpx.Response, what: str) -> None:
             "needs HF_TOKEN set to a token that may read it"
         )
     raise HubError(f"{what}: the hub answered {status}")
+
+
+def listing_json(files: list[HubFile]) -> bytes:
+    """`files` as the hub's tree listing answers them (what `HubClient.files` reads back):
+    a node serves the listing of what it downloaded to its peers."""
+    entries = [
+        _TreeEntry(
+            type="file",
+            path=f.path,
+            size=f.size,
+            oid=f.git_oid,
+            lfs=_Lfs(oid=f.sha256) if f.sha256 is not None else None,
+        )
+        for f in files
+    ]
+    return _TREE.dump_json(entries, exclude_none=True)
 
 
 def _hub_file(entry: _TreeEntry) -> HubFile:

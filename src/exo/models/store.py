@@ -2,15 +2,21 @@
 
 import fcntl
 import shutil
-from collections.abc import Callable, Generator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from exo.config import DEFAULT_HF_ENDPOINT
 from exo.models.builtin import builtin_gguf_path
 from exo.models.cards import BUILTIN_SOURCE, KNOWN_CARDS, UnknownModelError
 from exo.models.convert import ProgressCallback, convert_gguf, read_record, staging_prefix
-from exo.models.download import download_model, holds, stored_source
+from exo.models.download import (
+    download_model,
+    holds,
+    served_file,
+    served_listing,
+    stored_source,
+)
 from exo.models.hub import HubClient, HubSource
 from exo.shared.types.ids import ModelId
 from exo.shared.types.models import ModelCard
@@ -27,7 +33,9 @@ class ModelStore:
     """Rooted at a directory (the daemon uses `<cache dir>/models`).
 
     `card_for` looks a model up: the built-in cards by default; the daemon adds the cards in
-    the cluster's state (models added from the hub). Hub models come from `hub_endpoint`.
+    the cluster's state (models added from the hub). Hub models come from the peers
+    `peers_for(model_id)` names (base URLs of their `/hub` routes: nodes that hold the
+    model), then from `hub_endpoint`.
     """
 
     def __init__(
@@ -36,11 +44,13 @@ class ModelStore:
         card_for: Callable[[ModelId], ModelCard | None] = KNOWN_CARDS.get,
         hub_endpoint: str = DEFAULT_HF_ENDPOINT,
         hub_token: str | None = None,
+        peers_for: Callable[[ModelId], Sequence[str]] = lambda _model_id: (),
     ) -> None:
         self.root = root
         self._card_for = card_for
         self._hub_endpoint = hub_endpoint
         self._hub_token = hub_token
+        self._peers_for = peers_for
 
     def card(self, model_id: str) -> ModelCard:
         """Raises UnknownModelError for an id no card describes."""
@@ -93,12 +103,38 @@ class ModelStore:
                 return path
             if hub is not None:
                 # What an interrupted download left is resumed, not discarded.
-                with HubClient(self._hub_endpoint, self._hub_token) as client:
-                    download_model(client, hub, path, on_progress, card.n_layers, layers)
+                with ExitStack() as clients:
+                    sources = [
+                        # A peer never sees the hub token; one that stops answering is
+                        # left for the next source after one short wait.
+                        clients.enter_context(HubClient(peer, retry_waits_s=(0.5,)))
+                        for peer in self._peers_for(card.model_id)
+                    ]
+                    sources.append(
+                        clients.enter_context(HubClient(self._hub_endpoint, self._hub_token))
+                    )
+                    download_model(sources, hub, path, on_progress, card.n_layers, layers)
             elif gguf is not None:
                 self._discard_partial(path)
                 convert_gguf(gguf(), path, on_progress)
         return path
+
+    def served_file(self, repo: str, commit: str, path: str) -> Path | None:
+        """A whole file of hub model `repo` at `commit` that this store holds, for a peer."""
+        held = self._held(repo, commit)
+        return None if held is None else served_file(held[0], held[1], path)
+
+    def served_listing(self, repo: str, commit: str) -> bytes | None:
+        """The hub's listing of `repo` at `commit`, if this store downloaded from it."""
+        held = self._held(repo, commit)
+        return None if held is None else served_listing(held[0], held[1])
+
+    def _held(self, repo: str, commit: str) -> tuple[Path, HubSource] | None:
+        source = HubSource.parse(f"{HubSource.PREFIX}{repo}@{commit}")
+        if source is None:
+            return None
+        path = self.root / source.repo.replace("/", "--")
+        return (path, source) if path.is_dir() else None
 
     def hub_models(self) -> dict[ModelId, Path]:
         """The hub models this store holds files of (whole or in part), by model id."""
