@@ -291,8 +291,10 @@ def test_a_command_without_any_master_is_rejected_within_its_bound() -> None:
     assert reply.kind == "rejected" and reply.code == "not_master"
 
 
-def test_a_late_joiner_catches_up_from_a_snapshot_and_the_tail() -> None:
-    sim = Sim(seed=8, n=3, loss=0.0, duplicate=0.0, config=ConsensusConfig(snapshot_every=50))
+def _late_joiner(config: ConsensusConfig) -> tuple[Sim, NodeId]:
+    """Three nodes; the third is down while 400 entries commit (several snapshots, the
+    log compacted), then starts again."""
+    sim = Sim(seed=8, n=3, loss=0.0, duplicate=0.0, config=config)
     late = sim.ids[2]
     sim.crash(late)
     for i in range(400):
@@ -300,6 +302,11 @@ def test_a_late_joiner_catches_up_from_a_snapshot_and_the_tail() -> None:
         sim.step()
     sim.settle(100)
     sim.start(late)
+    return sim, late
+
+
+def test_a_late_joiner_catches_up_from_a_snapshot_and_the_tail() -> None:
+    sim, late = _late_joiner(ConsensusConfig(snapshot_every=50))
     resets = 0
     for _ in range(200):
         sim.step()
@@ -371,15 +378,7 @@ def test_a_snapshot_larger_than_a_message_travels_in_acknowledged_chunks() -> No
     # chunks none over the budget, through lost and duplicated packets, and the joiner
     # ends with the others' state without ever holding the early entries.
     budget = 64
-    config = ConsensusConfig(snapshot_every=50, max_message_bytes=budget)
-    sim = Sim(seed=8, n=3, loss=0.0, duplicate=0.0, config=config)
-    late = sim.ids[2]
-    sim.crash(late)
-    for i in range(400):
-        sim.produce(sim.ids[i % 2])
-        sim.step()
-    sim.settle(100)
-    sim.start(late)
+    sim, late = _late_joiner(ConsensusConfig(snapshot_every=50, max_message_bytes=budget))
     sim.loss, sim.duplicate = 0.05, 0.05
     chunks: list[tuple[int, int, int, int]] = []
     acks = 0
