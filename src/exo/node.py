@@ -86,10 +86,7 @@ class Node:
                 card_for=lambda model_id: card_in(self._cluster.state, model_id),
                 hub_endpoint=config.hf_endpoint,
                 hub_token=config.hf_token,
-                # Called from the worker's thread; the mesh is read on the event loop.
-                peers_for=lambda model_id: anyio.from_thread.run_sync(
-                    self._peers_holding, model_id
-                ),
+                peers_for=self._peers_from_thread,
             )
             self._mesh = Mesh(
                 MeshConfig(
@@ -144,6 +141,15 @@ class Node:
         if not self._config.share_models:
             return None
         return self._models.served_listing(repo, commit)
+
+    def _peers_from_thread(self, model_id: ModelId) -> list[str]:
+        """`_peers_holding` for the store, which the worker runs in a thread: the mesh and
+        the state are read on the event loop."""
+        try:
+            return anyio.from_thread.run_sync(self._peers_holding, model_id)
+        except RuntimeError:  # not one of anyio's worker threads: the hub alone
+            logger.debug(f"{model_id}: prepared outside the worker; no peers asked")
+            return []
 
     def _peers_holding(self, model_id: ModelId) -> list[str]:
         """Where this node can fetch a hub model's files from its peers: the `/hub` routes

@@ -81,11 +81,12 @@ def holding(card: ModelCard, engine: EngineName, kind: DeviceKind) -> Holding:
       32; the KV cache in float32 (the CPU's activation dtype).
 
     The embedding and head scale like the layers, never below what is stored (a dense
-    checkpoint's table stays dense on CPU). `$EXO_TORCH_WEIGHTS` on a node overrides its
-    format; placement does not see that.
+    checkpoint's table is held in float32 on CPU). `$EXO_TORCH_WEIGHTS` on a node
+    overrides its format; placement does not see that.
     """
     stored = bytes_per_param(card.dtype)
     kv = card.kv_bytes_per_token_per_layer
+    table = 1.0  # the embedding and head against the layers' factor (below: dense on CPU)
     if engine == "mlx":
         return Holding(
             weights="as stored",
@@ -104,6 +105,7 @@ def holding(card: ModelCard, engine: EngineName, kind: DeviceKind) -> Holding:
             held, weights = stored, "as stored"  # GGUF blocks, int8, fp8: already small
         else:
             held, weights = bytes_per_param("q4_affine_g32"), f"4-bit (stored {card.dtype})"
+            table = 4.0 / stored  # the dense embedding is held in float32, the CPU's dtype
         kv_held = kv * 4 // _KV_BYTES.get(card.kv_dtype.lower(), 2)
     else:
         held, weights = 2.0, "bfloat16" if card.dtype.lower() != "bfloat16" else "as stored"
@@ -113,7 +115,7 @@ def holding(card: ModelCard, engine: EngineName, kind: DeviceKind) -> Holding:
         weights=weights,
         bytes_per_param=held,
         layer_bytes=round(card.bytes_per_layer * ratio),
-        non_layer_bytes=round(card.bytes_non_layer * max(ratio, 1.0)),
+        non_layer_bytes=round(card.bytes_non_layer * max(ratio, table, 1.0)),
         kv_bytes_per_token_per_layer=max(1, kv_held),
     )
 
