@@ -60,8 +60,11 @@ class ModelStore:
         return card
 
     def path_for(self, model_id: str) -> Path:
+        return self._directory(self.card(model_id).model_id)
+
+    def _directory(self, model_id: str) -> Path:
         # A hub id's "/" would make a nested directory: "owner--name", as the hub's cache does.
-        return self.root / self.card(model_id).model_id.replace("/", "--")
+        return self.root / model_id.replace("/", "--")
 
     def is_ready(self, model_id: str, layers: range | None = None) -> bool:
         return self._is_current(self.path_for(model_id), self.card(model_id), layers)
@@ -133,7 +136,7 @@ class ModelStore:
         source = HubSource.parse(f"{HubSource.PREFIX}{repo}@{commit}")
         if source is None:
             return None
-        path = self.root / source.repo.replace("/", "--")
+        path = self._directory(source.repo)
         return (path, source) if path.is_dir() else None
 
     def hub_models(self) -> dict[ModelId, Path]:

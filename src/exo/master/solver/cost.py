@@ -85,16 +85,15 @@ def holding(card: ModelCard, engine: EngineName, kind: DeviceKind) -> Holding:
     overrides its format; placement does not see that.
     """
     stored = bytes_per_param(card.dtype)
-    kv = card.kv_bytes_per_token_per_layer
-    table = 1.0  # the embedding and head against the layers' factor (below: dense on CPU)
     if engine == "mlx":
         return Holding(
             weights="as stored",
             bytes_per_param=stored,
             layer_bytes=card.bytes_per_layer,
             non_layer_bytes=card.bytes_non_layer,
-            kv_bytes_per_token_per_layer=kv,
+            kv_bytes_per_token_per_layer=card.kv_bytes_per_token_per_layer,
         )
+    table = 1.0  # the embedding and head against the layers' factor (dense on CPU: more)
     if kind == "cpu":
         affine = _affine(card.dtype)
         if affine is not None and affine[0] in (4, 8):
@@ -106,10 +105,12 @@ def holding(card: ModelCard, engine: EngineName, kind: DeviceKind) -> Holding:
         else:
             held, weights = bytes_per_param("q4_affine_g32"), f"4-bit (stored {card.dtype})"
             table = 4.0 / stored  # the dense embedding is held in float32, the CPU's dtype
-        kv_held = kv * 4 // _KV_BYTES.get(card.kv_dtype.lower(), 2)
+        kv_element = 4  # float32, the CPU's activation dtype
     else:
         held, weights = 2.0, "bfloat16" if card.dtype.lower() != "bfloat16" else "as stored"
-        kv_held = kv * 2 // _KV_BYTES.get(card.kv_dtype.lower(), 2)
+        kv_element = 2
+    kv_stored = _KV_BYTES.get(card.kv_dtype.lower(), 2)
+    kv_held = card.kv_bytes_per_token_per_layer * kv_element // kv_stored
     ratio = held / stored
     return Holding(
         weights=weights,

@@ -101,7 +101,10 @@ class _Incoming:
     term: int
     total: int
     chunks: list[str]
-    received: int = 0
+
+    @property
+    def received(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
 
 
 class ConsensusNode:
@@ -681,7 +684,6 @@ class ConsensusNode:
         if chunk.offset != incoming.received or not chunk.data:
             return None  # a duplicate or a stray: ask for what follows what it holds
         incoming.chunks.append(chunk.data)
-        incoming.received += len(chunk.data)
         if incoming.received < incoming.total:
             return None
         self._incoming = None
