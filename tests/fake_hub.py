@@ -47,12 +47,15 @@ class FakeHub:
     # Tree listing page size (None: one page).
     page_size: int | None = None
     # path -> how the next transfers of that file go, one entry each: ("cut", n) stops
-    # after byte n of the file, ("status", code) answers that status instead.
+    # after byte n of the file, ("status", code) answers that status instead, ("whole", 0)
+    # ignores the Range asked for and sends the whole file (200), as some servers do.
     script: dict[str, list[tuple[str, int]]] = field(
         default_factory=dict[str, list[tuple[str, int]]]
     )
     # Files served with their last byte flipped.
     corrupt: set[str] = field(default_factory=set[str])
+    # path -> seconds to wait after each MiB of that file sent (a slow link).
+    pace: dict[str, float] = field(default_factory=dict[str, float])
     requests: list[tuple[str, str | None]] = field(default_factory=list[tuple[str, str | None]])
     url: str = ""
 
@@ -174,21 +177,25 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             start, status = 0, 200
             headers: dict[str, str] = {}
             asked = self.headers.get("range")
+            planned = hub.script.get(file)
+            if planned and planned[0][0] == "whole":
+                planned.pop(0)
+                asked = None
             if asked is not None and asked.startswith("bytes="):
                 first, _, last = asked.removeprefix("bytes=").partition("-")
                 start = int(first)
                 end = min(int(last) + 1 if last else len(content), len(content))
                 headers["content-range"] = f"bytes {start}-{end - 1}/{len(content)}"
                 content, status = content[start:end], 206
-            planned = hub.script.get(file)
+            pace = hub.pace.get(file)
             if planned:
                 how, n = planned.pop(0)
                 if how == "status":
                     self._send(n, b"busy")
                 else:
-                    self._send(status, content, headers, stop_after=max(0, n - start))
+                    self._send(status, content, headers, max(0, n - start), pace)
                 return
-            self._send(status, content, headers)
+            self._send(status, content, headers, pace=pace)
 
         def _send(
             self,
@@ -196,6 +203,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             body: bytes,
             headers: dict[str, str] | None = None,
             stop_after: int | None = None,
+            pace: float | None = None,
         ) -> None:
             self.send_response(status)
             for key, value in (headers or {}).items():
@@ -204,12 +212,16 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if stop_after is not None:
                 self.send_header("connection", "close")
             self.end_headers()
-            if stop_after is None:
-                self.wfile.write(body)
-                return
-            # A transfer that breaks: fewer bytes than announced, then the connection ends.
-            self.wfile.write(body[:stop_after])
-            self.wfile.flush()
-            self.close_connection = True
+            sent = body if stop_after is None else body[:stop_after]
+            step = len(sent) if pace is None else 1 << 20
+            for at in range(0, len(sent), max(step, 1)):
+                self.wfile.write(sent[at : at + step])
+                if pace is not None:
+                    self.wfile.flush()
+                    threading.Event().wait(pace)  # not time.sleep: tests may stub that
+            if stop_after is not None:
+                # A transfer that breaks: fewer bytes than announced, then the connection ends.
+                self.wfile.flush()
+                self.close_connection = True
 
     return Handler

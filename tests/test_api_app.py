@@ -26,6 +26,7 @@ from exo.api.app import create_app
 from exo.api.settings import ApiSettings
 from exo.models.cards import SMOLLM2_135M_INSTRUCT
 from exo.models.describe import UnsupportedModel
+from exo.models.download import GrowingFile
 from exo.models.hub import HubDenied, HubError, HubNotFound
 from exo.models.store import ModelStore
 from exo.shared.apply import apply
@@ -191,6 +192,9 @@ class ScriptedBackend:
 
     def model_file(self, repo: str, commit: str, path: str) -> Path | None:
         return None if self.store is None else self.store.served_file(repo, commit, path)
+
+    def model_part(self, repo: str, commit: str, path: str) -> GrowingFile | None:
+        return None if self.store is None else self.store.served_part(repo, commit, path)
 
     def model_listing(self, repo: str, commit: str) -> bytes | None:
         return None if self.store is None else self.store.served_listing(repo, commit)

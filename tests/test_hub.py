@@ -118,6 +118,40 @@ def test_a_download_resumes_after_the_node_gave_up(
     assert (path / "model.safetensors").read_bytes() == hub.repos[REPO].files["model.safetensors"]
 
 
+def test_a_source_that_ignores_the_range_sends_the_file_again(tmp_path: Path, hub: FakeHub) -> None:
+    """A resume answered with the whole file (200, not 206): the part starts over, and the
+    digest kept while the bytes arrived starts over with it."""
+    card = _card(hub)
+    hub.script["model.safetensors"] = [("cut", 10_000_000), ("whole", 0)]
+    path = _store(tmp_path, hub, card).ensure(card.model_id)
+    assert (path / "model.safetensors").read_bytes() == hub.repos[REPO].files["model.safetensors"]
+    asked = hub.ranges("model.safetensors")
+    assert asked[-2] is None and (asked[-1] or "").startswith("bytes=")
+
+
+def test_a_part_file_left_with_wrong_bytes_fails_the_check_after_resuming(
+    tmp_path: Path, hub: FakeHub
+) -> None:
+    """What a part file held before the transfer resumed (a previous run's bytes) is part of
+    the digest: a damaged part is caught, removed, and fetched whole the next time."""
+    card = _card(hub)
+    weights = hub.repos[REPO].files["model.safetensors"]
+    directory = tmp_path / "exo-test--smollm2-copy"
+    directory.mkdir()
+    (directory / ".exo_source").write_text(str(HubSource(REPO, hub.repos[REPO].commit)))
+    damaged = bytearray(weights[:5_000_000])
+    damaged[1234] ^= 0xFF
+    (directory / "model.safetensors.part").write_bytes(bytes(damaged))
+    store = _store(tmp_path, hub, card)
+    with pytest.raises(HubCorrupt, match=r"model\.safetensors"):
+        store.ensure(card.model_id)
+    assert hub.ranges("model.safetensors")[-1] == "bytes=5000000-"
+    assert not (directory / "model.safetensors.part").exists()
+    path = store.ensure(card.model_id)
+    assert (path / "model.safetensors").read_bytes() == weights
+    assert hub.ranges("model.safetensors")[-1] is None
+
+
 def test_a_corrupt_download_is_refused_and_removed(tmp_path: Path, hub: FakeHub) -> None:
     card = _card(hub)
     hub.corrupt.add("model.safetensors")

@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from exo.identity import load_or_create_node_id
 from exo.master.decide import DecideContext, Decision, Rejection, decide
 from exo.models.cards import card_in, cards_in
 from exo.models.describe import UnsupportedModel, describe
+from exo.models.download import GrowingFile
 from exo.models.hub import HubClient, HubError, is_repo_id
 from exo.models.store import ModelStore
 from exo.routing.consensus import ConsensusConfig
@@ -137,6 +138,11 @@ class Node:
             return None
         return self._models.served_file(repo, commit, path)
 
+    def model_part(self, repo: str, commit: str, path: str) -> GrowingFile | None:
+        if not self._config.share_models:
+            return None
+        return self._models.served_part(repo, commit, path)
+
     def model_listing(self, repo: str, commit: str) -> bytes | None:
         if not self._config.share_models:
             return None
@@ -152,21 +158,13 @@ class Node:
             return []
 
     def _peers_holding(self, model_id: ModelId) -> list[str]:
-        """Where this node can fetch a hub model's files from its peers: the `/hub` routes
-        of connected nodes whose store finished preparing it (for their stage: one that
-        lacks a file answers 404 and the next source serves it), nearest first."""
-        state = self._cluster.state
-        found: list[tuple[float, str]] = []
+        """Where this node can fetch a hub model's files from its peers (`model_sources`):
+        the `/hub` routes of connected nodes, at the address the mesh connection comes from."""
+        reachable: dict[NodeId, tuple[str, float]] = {}
         for node_id, peer in self._mesh.peers().items():
-            info = state.nodes.get(node_id)
-            progress = state.model_progress.get(f"{node_id}/{model_id}")
-            if info is None or info.status != "up" or progress is None or not progress.complete:
-                continue
-            host = peer.remote[0]
-            host = f"[{host}]" if ":" in host else host
             rtt = peer.rtt_s if peer.rtt_s is not None else float("inf")
-            found.append((rtt, f"http://{host}:{info.api_port}/hub"))
-        return [url for _rtt, url in sorted(found)]
+            reachable[node_id] = (peer.remote[0], rtt)
+        return model_sources(self._cluster.state, self._node_id, model_id, reachable)
 
     async def describe_hub_model(self, repo: str, revision: str) -> ModelCard:
         def read() -> ModelCard:
@@ -426,6 +424,44 @@ def _consensus_config(config: NodeConfig) -> ConsensusConfig:
         command_timeout_ticks=max(1, round(config.command_timeout_s * 1000 / tick_ms)),
         snapshot_every=config.snapshot_every,
     )
+
+
+def model_sources(
+    state: State,
+    me: NodeId,
+    model_id: ModelId,
+    reachable: Mapping[NodeId, tuple[str, float]],
+) -> list[str]:
+    """The peers to ask for a hub model's files before the hub, as `/hub` base URLs.
+
+    First the peers whose store finished preparing the model (for their stage: one that
+    lacks a file answers 404 and the next source serves it), nearest first. Then the peers
+    fetching it now (a download under way, or a stage of it assigned), which serve each
+    file as it arrives; only those whose id sorts before this node's, so that of the nodes
+    fetching a model together one goes to the hub and each other follows a node before
+    it, never in a ring. `reachable` maps each connected peer to its host and mesh RTT.
+    """
+    assigned = {
+        shard.node_id
+        for instance in state.instances.values()
+        if instance.model_id == model_id
+        for shard in instance.shards
+    }
+    found: list[tuple[int, float, str]] = []
+    for node_id, (host, rtt) in reachable.items():
+        info = state.nodes.get(node_id)
+        if info is None or info.status != "up":
+            continue
+        progress = state.model_progress.get(f"{node_id}/{model_id}")
+        if progress is not None and progress.complete:
+            rank = 0
+        elif node_id < me and (progress is not None or node_id in assigned):
+            rank = 1
+        else:
+            continue
+        host = f"[{host}]" if ":" in host else host
+        found.append((rank, rtt, f"http://{host}:{info.api_port}/hub"))
+    return [url for _rank, _rtt, url in sorted(found)]
 
 
 def _default_engine(flag: str | None) -> EngineName:

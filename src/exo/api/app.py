@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
 from exo.api.backend import ApiBackend
@@ -35,6 +35,7 @@ from exo.api.generation import (
 )
 from exo.api.inbox import Inbox, InboxClosed
 from exo.api.openai_types import AddModelRequest, ChatCompletionRequest, PlaceInstanceRequest
+from exo.api.peer_files import HeldFile, growing_response
 from exo.api.placement import preview_for_state
 from exo.api.responses import EventStreamResponse, SSEChannel, WatchedResponse
 from exo.api.settings import ApiSettings
@@ -420,12 +421,20 @@ def create_app(
     @app.get(
         "/hub/{owner}/{name}/resolve/{commit}/{path:path}", tags=["cluster"], response_model=None
     )
-    async def hub_file(owner: str, name: str, commit: str, path: str) -> Response:  # pyright: ignore[reportUnusedFunction]
+    async def hub_file(  # pyright: ignore[reportUnusedFunction]
+        owner: str, name: str, commit: str, path: str, request: Request
+    ) -> Response:
         repo = f"{owner}/{name}"
         found = await anyio.to_thread.run_sync(backend.model_file, repo, commit, path)
-        if found is None:
+        if found is not None:
+            return HeldFile(found)  # answers Range requests: a peer resumes a part file
+        growing = await anyio.to_thread.run_sync(backend.model_part, repo, commit, path)
+        answer = None
+        if growing is not None:
+            answer = await growing_response(growing, request.headers.get("range"))
+        if answer is None:
             raise _not_held(repo, commit, path)
-        return FileResponse(found)  # answers Range requests: a peer resumes a part file
+        return answer
 
     _with_body_schemas(app, [ChatCompletionRequest, PlaceInstanceRequest, AddModelRequest])
     mount_dashboard(app, dashboard_dir)

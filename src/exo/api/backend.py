@@ -7,6 +7,7 @@ from typing import Protocol
 
 from anyio.abc import ObjectReceiveStream
 
+from exo.models.download import GrowingFile
 from exo.shared.types.cluster import ClusterStatus
 from exo.shared.types.commands import Command, CommandReply
 from exo.shared.types.events import IndexedEvent
@@ -41,6 +42,11 @@ class ApiBackend(Protocol):
     def model_file(self, repo: str, commit: str, path: str) -> Path | None:
         """A whole, checked file of hub model `repo` at `commit` in this node's store (None:
         not here), served to peers that download it. Blocks (disk): call from a thread."""
+        ...
+
+    def model_part(self, repo: str, commit: str, path: str) -> GrowingFile | None:
+        """A file of hub model `repo` at `commit` that this node's download is fetching now
+        (None: none is), which a peer may follow as it arrives. Blocks: call from a thread."""
         ...
 
     def model_listing(self, repo: str, commit: str) -> bytes | None:

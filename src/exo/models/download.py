@@ -15,12 +15,14 @@ listing, and a file a source lacks or serves wrong is fetched from the next.
 """
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from exo.models.architecture import layer_of
 from exo.models.convert import (
@@ -40,6 +42,13 @@ INDEX_NAME = "model.safetensors.index.json"
 _SOURCE_STAMP = ".exo_source"
 # The hub's listing of the model's files (sizes, digests), served to peers.
 _LISTING = ".exo_listing.json"
+# The files the download in progress fetches ({path: size}): peers may follow them as they
+# arrive (`served_part`). Removed when the download ends; stale after a crash, which the
+# store's lock tells (no download holds it).
+_FETCHING = ".exo_fetching.json"
+
+
+_FETCHING_FILES = TypeAdapter(dict[str, int])
 
 
 class _Index(BaseModel):
@@ -106,7 +115,12 @@ def download_model(
         weight_map = _weight_map(out_dir / INDEX_NAME)
     wanted = needed_files(files, weight_map, n_layers, layers or range(n_layers))
     present: set[str] = set(record.files or ()) if record is not None else set()
-    _fetch(sources, source, out_dir, wanted, on_progress)
+    fetching = out_dir / _FETCHING
+    _write_atomically(fetching, json.dumps({f.path: f.size for f in wanted}).encode())
+    try:
+        _fetch(sources, source, out_dir, wanted, on_progress)
+    finally:
+        fetching.unlink(missing_ok=True)
     have = present | {f.path for f in wanted}
     _write_record(
         out_dir,
@@ -129,6 +143,44 @@ def served_file(out_dir: Path, source: HubSource, path: str) -> Path | None:
         return None
     found = out_dir / path
     return found if found.is_file() else None
+
+
+@dataclass(frozen=True)
+class GrowingFile:
+    """A file this node's download is fetching now, which a peer may follow as it arrives:
+    its final path (its bytes are in `<path>.part` until it is whole and checked), its size
+    from the listing, and whether the download still runs."""
+
+    path: Path
+    size: int
+    downloading: Callable[[], bool]
+
+    def open(self) -> int | None:
+        """A descriptor of the part file, or of the whole file if it was renamed meanwhile
+        (None: neither exists yet). It keeps reading the same bytes across the rename."""
+        for candidate in (self.path.with_name(self.path.name + ".part"), self.path):
+            try:
+                return os.open(candidate, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+        return None
+
+
+def served_part(
+    out_dir: Path, source: HubSource, path: str, downloading: Callable[[], bool]
+) -> GrowingFile | None:
+    """A file of `source`'s commit that the download into `out_dir` fetches (it may not
+    have begun yet): the caller knows whether a download runs (the store's lock)."""
+    if stored_source(out_dir) != source:
+        return None
+    try:
+        fetching = _FETCHING_FILES.validate_json((out_dir / _FETCHING).read_bytes())
+    except (OSError, ValidationError):
+        return None
+    size = fetching.get(path)
+    if size is None:  # only names the download fetches: nothing outside the directory
+        return None
+    return GrowingFile(out_dir / path, size, downloading)
 
 
 def served_listing(out_dir: Path, source: HubSource) -> bytes | None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -197,59 +198,53 @@ class HubClient:
 
         Raises HubError when tries stop getting anywhere (the part file stays), HubCorrupt
         when the finished file does not match the listing (the part file is removed)."""
-        part = dest.with_name(dest.name + ".part")
+        part = _PartFile(dest.with_name(dest.name + ".part"), file)
         url = self._file_url(repo, commit, file.path)
         waits = iter(self._retry_waits_s)
-        while True:
-            before = part.stat().st_size if part.exists() else 0
-            try:
-                self._fetch_into(url, file, part, on_bytes)
-                break
-            except (httpx.TransportError, _Retryable) as e:
-                progressed = (part.stat().st_size if part.exists() else 0) > before
-                # A transfer that moved on is tried again at once; one that got nowhere
-                # (hub down, network gone) waits longer each time, then gives up.
-                if progressed:
-                    continue
-                wait = next(waits, None)
-                if wait is None:
-                    raise HubError(f"downloading {repo}/{file.path}: {e}") from e
-                time.sleep(wait)
-        _verify(part, file)
-        part.rename(dest)
+        try:
+            while True:
+                before = part.size()
+                try:
+                    self._fetch_into(url, part, on_bytes)
+                    break
+                except (httpx.TransportError, _Retryable) as e:
+                    # A transfer that moved on is tried again at once; one that got nowhere
+                    # (hub down, network gone) waits longer each time, then gives up.
+                    if part.size() > before:
+                        continue
+                    wait = next(waits, None)
+                    if wait is None:
+                        raise HubError(f"downloading {repo}/{file.path}: {e}") from e
+                    time.sleep(wait)
+        finally:
+            part.close()
+        part.check()
+        part.path.rename(dest)
 
     # --- HTTP ---------------------------------------------------------------------------
 
     def _file_url(self, repo: str, commit: str, path: str) -> str:
         return f"{self.endpoint}/{check_repo_id(repo)}/resolve/{commit}/{quote(path)}"
 
-    def _fetch_into(
-        self, url: str, file: HubFile, part: Path, on_bytes: Callable[[int], None]
-    ) -> None:
-        have = part.stat().st_size if part.exists() else 0
-        if have > file.size:
-            part.unlink()
-            have = 0
-        if have == file.size:
-            part.touch()  # an empty file has nothing to fetch
-            return
+    def _fetch_into(self, url: str, part: "_PartFile", on_bytes: Callable[[int], None]) -> None:
+        have = part.resume()
+        if have == part.file.size:
+            return  # whole already (an empty file has nothing to fetch)
         headers = {"range": f"bytes={have}-"} if have else {}
         with self._client.stream("GET", url, headers=headers) as response:
             if response.status_code == 429 or response.status_code >= 500:
                 raise _Retryable(f"the hub answered {response.status_code}")
             _raise_for(response, url)
-            if response.status_code != 206:
+            if response.status_code != 206 and have:
                 # Not a partial answer: the whole file comes again.
-                if have:
-                    on_bytes(-have)
-                have = 0
-            with part.open("ab" if have else "wb") as out:
-                for chunk in response.iter_bytes():  # as they come: a break loses none
-                    out.write(chunk)
-                    have += len(chunk)
-                    on_bytes(len(chunk))
-        if have < file.size:
-            raise _Retryable(f"connection ended at {have} of {file.size} bytes")
+                on_bytes(-have)
+                have = part.restart()
+            for chunk in response.iter_bytes():  # as they come: a break loses none
+                part.append(chunk)
+                have += len(chunk)
+                on_bytes(len(chunk))
+        if have < part.file.size:
+            raise _Retryable(f"connection ended at {have} of {part.file.size} bytes")
 
     def _get(self, url: str, what: str, headers: dict[str, str] | None = None) -> httpx.Response:
         try:
@@ -304,20 +299,77 @@ def _hub_file(entry: _TreeEntry) -> HubFile:
     )
 
 
-def _verify(part: Path, file: HubFile) -> None:
-    size = part.stat().st_size
-    if size == file.size:
-        if file.sha256 is not None:
-            digest, expected = hashlib.sha256(), file.sha256
-        else:
-            digest, expected = hashlib.sha1(f"blob {size}\0".encode()), file.git_oid
-        with part.open("rb") as f:
-            while chunk := f.read(_CHUNK_BYTES):
-                digest.update(chunk)
-        if expected is None or digest.hexdigest() == expected:
+class _Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+class _PartFile:
+    """`<dest>.part` and the digest of the bytes in it, kept as they arrive so that the
+    finished file's check needs no second pass over it."""
+
+    def __init__(self, path: Path, file: HubFile) -> None:
+        self.path, self.file = path, file
+        self._digest = self._new_digest()
+        self._hashed = 0
+        self._out: BinaryIO | None = None
+
+    def size(self) -> int:
+        if self._out is not None:
+            self._out.flush()
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def resume(self) -> int:
+        """Open the part file for appending; what it holds (a previous try's or a previous
+        process's bytes) is hashed first unless the digest already covers it."""
+        self.close()
+        have = self.size()
+        if have > self.file.size:
+            return self.restart()
+        if have != self._hashed:
+            self._digest, self._hashed = self._new_digest(), 0
+            with self.path.open("rb") as f:
+                while chunk := f.read(_CHUNK_BYTES):
+                    self._digest.update(chunk)
+                    self._hashed += len(chunk)
+        self._out = self.path.open("ab" if have else "wb")
+        return have
+
+    def restart(self) -> int:
+        """Drop what the part file holds: the source sends the whole file again."""
+        self.close()
+        self._digest, self._hashed = self._new_digest(), 0
+        self._out = self.path.open("wb")
+        return 0
+
+    def append(self, chunk: bytes) -> None:
+        assert self._out is not None, "resume() opens the part file"
+        self._out.write(chunk)
+        self._digest.update(chunk)
+        self._hashed += len(chunk)
+
+    def check(self) -> None:
+        """Keep the part file only if its size and digest are the listing's."""
+        self.close()
+        file = self.file
+        size = self.size()
+        expected = file.sha256 if file.sha256 is not None else file.git_oid
+        if size == file.size == self._hashed and (
+            expected is None or self._digest.hexdigest() == expected
+        ):
             return
-    part.unlink()
-    raise HubCorrupt(
-        f"{file.path}: the download does not match the hub's listing "
-        f"({size} of {file.size} bytes, or a different digest); it was removed, retry"
-    )
+        self.path.unlink()
+        raise HubCorrupt(
+            f"{file.path}: the download does not match the hub's listing "
+            f"({size} of {file.size} bytes, or a different digest); it was removed, retry"
+        )
+
+    def _new_digest(self) -> "_Digest":
+        if self.file.sha256 is not None:
+            return hashlib.sha256()
+        return hashlib.sha1(f"blob {self.file.size}\0".encode())
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None

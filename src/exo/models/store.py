@@ -11,10 +11,12 @@ from exo.models.builtin import builtin_gguf_path
 from exo.models.cards import BUILTIN_SOURCE, KNOWN_CARDS, UnknownModelError
 from exo.models.convert import ProgressCallback, convert_gguf, read_record, staging_prefix
 from exo.models.download import (
+    GrowingFile,
     download_model,
     holds,
     served_file,
     served_listing,
+    served_part,
     stored_source,
 )
 from exo.models.hub import HubClient, HubSource
@@ -127,6 +129,15 @@ class ModelStore:
         held = self._held(repo, commit)
         return None if held is None else served_file(held[0], held[1], path)
 
+    def served_part(self, repo: str, commit: str, path: str) -> GrowingFile | None:
+        """A file of hub model `repo` at `commit` that this store is downloading now, for a
+        peer to follow as it arrives (None: no download here fetches it)."""
+        held = self._held(repo, commit)
+        if held is None or not self._locked(held[0]):
+            return None
+        directory = held[0]
+        return served_part(directory, held[1], path, lambda: self._locked(directory))
+
     def served_listing(self, repo: str, commit: str) -> bytes | None:
         """The hub's listing of `repo` at `commit`, if this store downloaded from it."""
         held = self._held(repo, commit)
@@ -168,6 +179,20 @@ class ModelStore:
                 yield
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _locked(self, path: Path) -> bool:
+        """Whether some process (this one included) prepares the model at `path` now."""
+        try:
+            lock_file = (self.root / f".{path.name}.lock").open("rb")
+        except FileNotFoundError:
+            return False
+        with lock_file:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+            return False
 
     def _discard_partial(self, path: Path) -> None:
         # Only called under the lock: any staging directory left is from a dead converter.
