@@ -20,6 +20,8 @@ from exo.main import main, node_config_of
         (["--max-request-bytes", "100"], "--max-request-bytes"),
         (["--max-request-bytes", str(64 * 1024 * 1024)], "--max-request-bytes"),
         (["--runner-load-timeout", "0"], "--runner-load-timeout"),
+        (["--model-store-max-gb", "0"], "--model-store-max-gb"),
+        (["--model-store-max-gb", "lots"], "--model-store-max-gb"),
     ],
 )
 def test_bad_cluster_flags_exit_2_with_a_message(
@@ -55,3 +57,8 @@ def test_the_api_flags_reach_the_api_settings() -> None:
     assert settings.load_timeout_s == 42.0
     defaults = ApiSettings.from_node_config(node_config_of([]))
     assert defaults.model_dump() == ApiSettings().model_dump()
+
+
+def test_the_model_store_limit_is_read_in_gigabytes() -> None:
+    assert node_config_of(["--model-store-max-gb", "2.5"]).model_store_max_bytes == 2_500_000_000
+    assert node_config_of([]).model_store_max_bytes is None

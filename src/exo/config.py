@@ -45,6 +45,9 @@ class NodeConfig(Frozen):
     hf_token: str | None = Field(default=None, repr=False)
     # Serve this node's hub downloads to peers (`/hub/...` on the API port).
     share_models: bool = True
+    # Keep hub models' files within this many bytes, removing the least recently used
+    # models no instance on the node runs (None: no limit).
+    model_store_max_bytes: int | None = Field(default=None, gt=0)
     verbose: bool = False
     # fsync every log batch before it is applied or acked (off only for throwaway tests).
     fsync: bool = True

@@ -58,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
         "(env EXO_SHARE_MODELS=0); peers then download from the hub themselves",
     )
     p.add_argument(
+        "--model-store-max-gb",
+        type=float,
+        default=os.environ.get("EXO_MODEL_STORE_MAX_GB"),
+        help="keep downloaded hub models within this many GB: before a download, remove "
+        "whole models no instance on this node runs, least recently used first "
+        "(env EXO_MODEL_STORE_MAX_GB; default: no limit)",
+    )
+    p.add_argument(
         "--engine",
         choices=["mlx", "torch"],
         default=os.environ.get("EXO_ENGINE"),
@@ -242,6 +250,9 @@ def node_config_of(argv: list[str]) -> NodeConfig:
         hf_endpoint=args.hf_endpoint,
         hf_token=os.environ.get("HF_TOKEN") or None,
         share_models=not args.no_share_models,
+        model_store_max_bytes=(
+            None if args.model_store_max_gb is None else int(args.model_store_max_gb * 1e9)
+        ),
         verbose=args.verbose,
         fsync=not args.no_fsync,
         runner_load_timeout_s=args.runner_load_timeout,
@@ -274,7 +285,11 @@ def node_config_of(argv: list[str]) -> NodeConfig:
 
 
 # NodeConfig fields whose flag is not the field's name (less a trailing "_s").
-_FLAGS = {"generation_stall_timeout_s": "--stall-timeout", "preload_model": "--model"}
+_FLAGS = {
+    "generation_stall_timeout_s": "--stall-timeout",
+    "preload_model": "--model",
+    "model_store_max_bytes": "--model-store-max-gb",
+}
 
 
 def _flag_of(field: str) -> str:

@@ -88,6 +88,8 @@ class Node:
                 hub_endpoint=config.hf_endpoint,
                 hub_token=config.hf_token,
                 peers_for=self._peers_from_thread,
+                max_bytes=config.model_store_max_bytes,
+                in_use=lambda: models_on(self._cluster.state, self._node_id),
             )
             self._mesh = Mesh(
                 MeshConfig(
@@ -423,6 +425,15 @@ def _consensus_config(config: NodeConfig) -> ConsensusConfig:
         member_timeout_ticks=max(2 * election + 1, round(config.member_timeout_s * 1000 / tick_ms)),
         command_timeout_ticks=max(1, round(config.command_timeout_s * 1000 / tick_ms)),
         snapshot_every=config.snapshot_every,
+    )
+
+
+def models_on(state: State, node_id: NodeId) -> frozenset[ModelId]:
+    """The models that instances run a stage of on `node_id`."""
+    return frozenset(
+        instance.model_id
+        for instance in state.instances.values()
+        if any(shard.node_id == node_id for shard in instance.shards)
     )
 
 

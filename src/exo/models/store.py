@@ -3,8 +3,11 @@
 import fcntl
 import shutil
 from collections.abc import Callable, Generator, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+from loguru import logger
 
 from exo.config import DEFAULT_HF_ENDPOINT
 from exo.models.builtin import builtin_gguf_path
@@ -23,6 +26,8 @@ from exo.models.hub import HubClient, HubSource
 from exo.shared.types.ids import ModelId
 from exo.shared.types.models import ModelCard
 
+# Touched each time a hub model is prepared (a runner about to load it): its last use.
+_USED_STAMP = ".exo_used"
 # Where each card source's GGUF comes from.
 _GGUF_SOURCES: dict[str, Callable[[], Path]] = {BUILTIN_SOURCE: builtin_gguf_path}
 
@@ -47,12 +52,16 @@ class ModelStore:
         hub_endpoint: str = DEFAULT_HF_ENDPOINT,
         hub_token: str | None = None,
         peers_for: Callable[[ModelId], Sequence[str]] = lambda _model_id: (),
+        max_bytes: int | None = None,
+        in_use: Callable[[], AbstractSet[ModelId]] = frozenset,
     ) -> None:
         self.root = root
         self._card_for = card_for
         self._hub_endpoint = hub_endpoint
         self._hub_token = hub_token
         self._peers_for = peers_for
+        self._max_bytes = max_bytes
+        self._in_use = in_use
 
     def card(self, model_id: str) -> ModelCard:
         """Raises UnknownModelError for an id no card describes."""
@@ -94,35 +103,85 @@ class ModelStore:
         """The model's directory, converting or downloading first if needed: for a hub model,
         the files a stage of `layers` reads (None: every layer). Blocks; safe across processes."""
         path, card = self.path_for(model_id), self.card(model_id)
-        if self._is_current(path, card, layers):
-            return path
         gguf = _GGUF_SOURCES.get(card.source)
         hub = HubSource.parse(card.source)
-        if gguf is None and hub is None:
-            raise UnsupportedModelSourceError(
-                f"{model_id}: no way to fetch weights from {card.source}"
-            )
-        with self._lock(path):
-            # Another process may have finished while we waited for the lock.
-            if self._is_current(path, card, layers):
-                return path
-            if hub is not None:
-                # What an interrupted download left is resumed, not discarded.
-                with ExitStack() as clients:
-                    sources = [
-                        # A peer never sees the hub token; one that stops answering is
-                        # left for the next source after one short wait.
-                        clients.enter_context(HubClient(peer, retry_waits_s=(0.5,)))
-                        for peer in self._peers_for(card.model_id)
-                    ]
-                    sources.append(
-                        clients.enter_context(HubClient(self._hub_endpoint, self._hub_token))
-                    )
-                    download_model(sources, hub, path, on_progress, card.n_layers, layers)
-            elif gguf is not None:
-                self._discard_partial(path)
-                convert_gguf(gguf(), path, on_progress)
+        if not self._is_current(path, card, layers):
+            if gguf is None and hub is None:
+                raise UnsupportedModelSourceError(
+                    f"{model_id}: no way to fetch weights from {card.source}"
+                )
+            with self._lock(path):
+                # Another process may have finished while we waited for the lock.
+                if not self._is_current(path, card, layers):
+                    self._prepare(card, path, hub, gguf, on_progress, layers)
+        if hub is not None:
+            _mark_used(path)
         return path
+
+    def _prepare(
+        self,
+        card: ModelCard,
+        path: Path,
+        hub: HubSource | None,
+        gguf: Callable[[], Path] | None,
+        on_progress: ProgressCallback | None,
+        layers: range | None,
+    ) -> None:
+        if hub is not None:
+            if self._max_bytes is not None:
+                self._make_room(card, layers or range(card.n_layers), self._max_bytes)
+            # What an interrupted download left is resumed, not discarded.
+            with ExitStack() as clients:
+                sources = [
+                    # A peer never sees the hub token; one that stops answering is
+                    # left for the next source after one short wait.
+                    clients.enter_context(HubClient(peer, retry_waits_s=(0.5,)))
+                    for peer in self._peers_for(card.model_id)
+                ]
+                sources.append(
+                    clients.enter_context(HubClient(self._hub_endpoint, self._hub_token))
+                )
+                download_model(sources, hub, path, on_progress, card.n_layers, layers)
+        elif gguf is not None:
+            self._discard_partial(path)
+            convert_gguf(gguf(), path, on_progress)
+
+    def _make_room(self, card: ModelCard, layers: range, max_bytes: int) -> None:
+        """Keep the hub models' files within `max_bytes` once `card`'s stage of `layers` is
+        here: remove whole models, least recently used first, that no instance on this node
+        runs (nor another process prepares). Under the lock of `card`'s own directory."""
+        held = self.hub_models()
+        wanted = card.bytes_per_layer * len(layers) + card.bytes_non_layer
+        here = held.get(card.model_id)
+        total = sum(_disk_bytes(path) for path in held.values())
+        over = total + max(0, wanted - (_disk_bytes(here) if here is not None else 0)) - max_bytes
+        if over <= 0:
+            return
+        keep = set(self._in_use()) | {card.model_id}
+        candidates = sorted(
+            ((_last_used(path), model_id, path) for model_id, path in held.items()),
+            key=lambda found: found[0],
+        )
+        for _used, model_id, path in candidates:
+            if over <= 0:
+                break
+            if model_id in keep:
+                continue
+            size = _disk_bytes(path)
+            with self._try_lock(path) as locked:
+                if not locked:
+                    continue  # another process prepares it now
+                shutil.rmtree(path, ignore_errors=True)
+            over -= size
+            logger.info(
+                f"removed the files of {model_id} ({size / 1e9:.2f} GB, the least recently "
+                f"used) to keep the model store within {max_bytes / 1e9:.2f} GB"
+            )
+        if over > 0:
+            logger.warning(
+                f"the model store will be {over / 1e9:.2f} GB over its {max_bytes / 1e9:.2f} GB "
+                f"limit with {card.model_id}: what else it holds is in use"
+            )
 
     def served_file(self, repo: str, commit: str, path: str) -> Path | None:
         """A whole file of hub model `repo` at `commit` that this store holds, for a peer."""
@@ -171,6 +230,21 @@ class ModelStore:
             shutil.rmtree(path, ignore_errors=True)
 
     @contextmanager
+    def _try_lock(self, path: Path) -> Generator[bool]:
+        """The lock of `path` if nobody holds it (True), else False at once."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / f".{path.name}.lock").open("a") as lock_file:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    @contextmanager
     def _lock(self, path: Path) -> Generator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
         with (self.root / f".{path.name}.lock").open("a") as lock_file:
@@ -200,3 +274,31 @@ class ModelStore:
             shutil.rmtree(leftover, ignore_errors=True)
         if path.exists():
             shutil.rmtree(path)
+
+
+def _mark_used(path: Path) -> None:
+    try:
+        (path / _USED_STAMP).touch()
+    except OSError:
+        pass  # a full or read-only disk: the directory's own time stands in
+
+
+def _last_used(path: Path) -> float:
+    for candidate in (path / _USED_STAMP, path):
+        try:
+            return candidate.stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
+def _disk_bytes(path: Path) -> int:
+    """What the files under `path` take on disk (part files included)."""
+    total = 0
+    for found in path.rglob("*"):
+        try:
+            if found.is_file():
+                total += found.stat().st_blocks * 512
+        except OSError:
+            continue
+    return total
