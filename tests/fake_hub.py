@@ -56,6 +56,8 @@ class FakeHub:
     corrupt: set[str] = field(default_factory=set[str])
     # path -> seconds to wait after each MiB of that file sent (a slow link).
     pace: dict[str, float] = field(default_factory=dict[str, float])
+    # Seconds the next tree listings wait before they answer, one entry each.
+    listing_delays: list[float] = field(default_factory=list[float])
     requests: list[tuple[str, str | None]] = field(default_factory=list[tuple[str, str | None]])
     url: str = ""
 
@@ -147,6 +149,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             elif what == "revision":
                 self._send(200, json.dumps({"id": name, "sha": repo.commit}).encode())
             elif what == "tree":
+                if hub.listing_delays:
+                    threading.Event().wait(hub.listing_delays.pop(0))
                 entries = [repo.entry(p) for p in sorted(repo.files)]
                 start = int(query.get("cursor", ["0"])[0])
                 end = len(entries) if hub.page_size is None else start + hub.page_size

@@ -144,8 +144,6 @@ def test_a_pipeline_of_a_sharded_hub_model_fetches_each_stage_s_files_on_its_nod
         assert {first, embedding} <= held[0] and second not in held[0]
         assert {second, embedding} <= held[1] and first not in held[1]
 
-        # The whole model on the second node: the first stage's file comes from the first
-        # node (a peer that holds it, over its API on the LAN), not again from the hub.
         def whole_downloads(name: str) -> int:
             # Whole transfers only: reading the card takes header ranges.
             served = [p for p, r in hub.requests if p.startswith("/cdn/") and r is None]
@@ -153,6 +151,12 @@ def test_a_pipeline_of_a_sharded_hub_model_fetches_each_stage_s_files_on_its_nod
 
         from_hub = whole_downloads(first)
         assert from_hub == 1
+        # Both stages read the embedding's file, fetched at the same time: one node took
+        # it from the hub, the other followed that download (nodes[i].output() says which).
+        assert whole_downloads(embedding) == 1, nodes[0].output() + nodes[1].output()
+
+        # The whole model on the second node: the first stage's file comes from the first
+        # node (a peer that holds it, over its API on the LAN), not again from the hub.
         for view in nodes[0].get("/instances")["data"]:
             iid = view["instance"]["instance_id"]
             httpx.delete(f"{nodes[0].url}/instances/{iid}", timeout=30.0).raise_for_status()

@@ -228,6 +228,28 @@ def test_a_node_follows_a_peer_s_download_in_progress(tmp_path: Path, repo: Fake
     assert _file_requests(hub) == ["model.safetensors"]  # A's transfer, and only that
 
 
+def test_a_peer_still_reading_the_listing_is_waited_for(tmp_path: Path, repo: FakeRepo) -> None:
+    """B asks A for the weights while A's download still waits for the hub's listing (so
+    it has not said which files it fetches): A's answer waits for that, then follows."""
+    with serving(FakeHub(repos={REPO: repo}, pace={"model.safetensors": 0.02})) as hub:
+        card = _card(hub)
+        cards = {card.model_id: card}
+        hub.listing_delays.append(1.5)  # A's listing; B's own comes at once
+        a = ModelStore(tmp_path / "a", card_for=cards.get, hub_endpoint=hub.url)
+        with api_of(a) as peer:
+            a_done = threading.Thread(target=a.ensure, args=(card.model_id,))
+            a_done.start()
+            _wait_for(tmp_path / "a" / ".exo-test--smollm2-copy.lock")  # A's download began
+            b = ModelStore(
+                tmp_path / "b", card_for=cards.get, hub_endpoint=hub.url, peers_for=lambda _: [peer]
+            )
+            path = b.ensure(card.model_id)
+            a_done.join()
+        assert hub.listing_delays == []
+        assert (path / "model.safetensors").read_bytes() == repo.files["model.safetensors"]
+        assert _file_requests(hub) == ["model.safetensors"]
+
+
 def test_when_the_peer_s_download_dies_the_follower_resumes_from_the_hub(
     tmp_path: Path, repo: FakeRepo, monkeypatch: pytest.MonkeyPatch
 ) -> None:

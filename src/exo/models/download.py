@@ -166,21 +166,17 @@ class GrowingFile:
         return None
 
 
-def served_part(
-    out_dir: Path, source: HubSource, path: str, downloading: Callable[[], bool]
-) -> GrowingFile | None:
-    """A file of `source`'s commit that the download into `out_dir` fetches (it may not
-    have begun yet): the caller knows whether a download runs (the store's lock)."""
+def fetching_files(out_dir: Path, source: HubSource) -> dict[str, int] | None:
+    """The files (path -> size) that a download of `source`'s commit into `out_dir` fetches
+    (None: it has not listed them yet, or no download of that commit wrote them). Stale
+    after a crash: only worth reading while a download runs (the caller knows: the store's
+    lock)."""
     if stored_source(out_dir) != source:
         return None
     try:
-        fetching = _FETCHING_FILES.validate_json((out_dir / _FETCHING).read_bytes())
+        return _FETCHING_FILES.validate_json((out_dir / _FETCHING).read_bytes())
     except (OSError, ValidationError):
         return None
-    size = fetching.get(path)
-    if size is None:  # only names the download fetches: nothing outside the directory
-        return None
-    return GrowingFile(out_dir / path, size, downloading)
 
 
 def served_listing(out_dir: Path, source: HubSource) -> bytes | None:

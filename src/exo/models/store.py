@@ -2,6 +2,7 @@
 
 import fcntl
 import shutil
+import time
 from collections.abc import Callable, Generator, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import ExitStack, contextmanager
@@ -16,16 +17,19 @@ from exo.models.convert import ProgressCallback, convert_gguf, read_record, stag
 from exo.models.download import (
     GrowingFile,
     download_model,
+    fetching_files,
     holds,
     served_file,
     served_listing,
-    served_part,
     stored_source,
 )
 from exo.models.hub import HubClient, HubSource
 from exo.shared.types.ids import ModelId
 from exo.shared.types.models import ModelCard
 
+# How long a peer's request for a file waits for a download here that is still reading
+# the hub's listing (and so has not said which files it fetches).
+_LISTING_WAIT_S = 10.0
 # Touched each time a hub model is prepared (a runner about to load it): its last use.
 _USED_STAMP = ".exo_used"
 # Where each card source's GGUF comes from.
@@ -190,12 +194,25 @@ class ModelStore:
 
     def served_part(self, repo: str, commit: str, path: str) -> GrowingFile | None:
         """A file of hub model `repo` at `commit` that this store is downloading now, for a
-        peer to follow as it arrives (None: no download here fetches it)."""
-        held = self._held(repo, commit)
-        if held is None or not self._locked(held[0]):
+        peer to follow as it arrives (None: no download here fetches it). A download that
+        has not listed its files yet (it is reading the hub's listing) is waited for, up
+        to `_LISTING_WAIT_S`. Blocks: call from a thread."""
+        source = HubSource.parse(f"{HubSource.PREFIX}{repo}@{commit}")
+        if source is None:
             return None
-        directory = held[0]
-        return served_part(directory, held[1], path, lambda: self._locked(directory))
+        directory = self._directory(source.repo)
+        deadline = time.monotonic() + _LISTING_WAIT_S
+        while self._locked(directory):
+            fetching = fetching_files(directory, source)
+            if fetching is not None:
+                size = fetching.get(path)  # only names it fetches: nothing outside it
+                if size is None:
+                    return None
+                return GrowingFile(directory / path, size, lambda: self._locked(directory))
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+        return None
 
     def served_listing(self, repo: str, commit: str) -> bytes | None:
         """The hub's listing of `repo` at `commit`, if this store downloaded from it."""
