@@ -43,11 +43,9 @@ _SOURCE_STAMP = ".exo_source"
 # The hub's listing of the model's files (sizes, digests), served to peers.
 _LISTING = ".exo_listing.json"
 # The files the download in progress fetches ({path: size}): peers may follow them as they
-# arrive (`served_part`). Removed when the download ends; stale after a crash, which the
-# store's lock tells (no download holds it).
+# arrive (`ModelStore.served_part`). Removed when the download ends; stale after a crash,
+# which the store's lock tells (no download holds it).
 _FETCHING = ".exo_fetching.json"
-
-
 _FETCHING_FILES = TypeAdapter(dict[str, int])
 
 
