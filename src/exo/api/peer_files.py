@@ -82,27 +82,23 @@ async def _follow(growing: GrowingFile, start: int, end: int) -> AsyncIterator[b
     if fd is None:
         return  # removed in between: the follower resumes elsewhere
     try:
-        at, grew = start, time.monotonic()
+        at, grew, ended = start, time.monotonic(), False
         while at < end:
             chunk = await anyio.to_thread.run_sync(os.pread, fd, min(_CHUNK_BYTES, end - at), at)
-            if not chunk:  # at the end of what has arrived
-                if not await anyio.to_thread.run_sync(growing.downloading):
-                    # What it wrote before it ended, if anything, then no more.
-                    chunk = await anyio.to_thread.run_sync(
-                        os.pread, fd, min(_CHUNK_BYTES, end - at), at
-                    )
-                    if not chunk:
-                        _ended_short(growing.path, at, end, "its download ended")
-                        return
-                elif time.monotonic() - grew > STALL_S:
-                    _ended_short(growing.path, at, end, f"no new bytes for {STALL_S:.0f} s")
-                    return
-                else:
-                    await anyio.sleep(_POLL_S)
-                    continue
-            yield chunk
-            at += len(chunk)
-            grew = time.monotonic()
+            if chunk:
+                yield chunk
+                at, grew = at + len(chunk), time.monotonic()
+                continue
+            # At the end of what has arrived.
+            if ended:  # and the download had ended before this last look
+                _ended_short(growing.path, at, end, "its download ended")
+                return
+            if time.monotonic() - grew > STALL_S:
+                _ended_short(growing.path, at, end, f"no new bytes for {STALL_S:.0f} s")
+                return
+            ended = not await anyio.to_thread.run_sync(growing.downloading)
+            if not ended:
+                await anyio.sleep(_POLL_S)
     finally:
         os.close(fd)
 

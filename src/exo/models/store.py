@@ -155,10 +155,10 @@ class ModelStore:
         here: remove whole models, least recently used first, that no instance on this node
         runs (nor another process prepares). Under the lock of `card`'s own directory."""
         held = self.hub_models()
+        sizes = {model_id: _disk_bytes(path) for model_id, path in held.items()}
         wanted = card.bytes_per_layer * len(layers) + card.bytes_non_layer
-        here = held.get(card.model_id)
-        total = sum(_disk_bytes(path) for path in held.values())
-        over = total + max(0, wanted - (_disk_bytes(here) if here is not None else 0)) - max_bytes
+        here = sizes.get(card.model_id, 0)
+        over = sum(sizes.values()) + max(0, wanted - here) - max_bytes
         if over <= 0:
             return
         keep = set(self._in_use()) | {card.model_id}
@@ -171,7 +171,7 @@ class ModelStore:
                 break
             if model_id in keep:
                 continue
-            size = _disk_bytes(path)
+            size = sizes[model_id]
             with self._try_lock(path) as locked:
                 if not locked:
                     continue  # another process prepares it now
@@ -197,10 +197,10 @@ class ModelStore:
         peer to follow as it arrives (None: no download here fetches it). A download that
         has not listed its files yet (it is reading the hub's listing) is waited for, up
         to `_LISTING_WAIT_S`. Blocks: call from a thread."""
-        source = HubSource.parse(f"{HubSource.PREFIX}{repo}@{commit}")
-        if source is None:
+        found = self._source_dir(repo, commit)
+        if found is None:
             return None
-        directory = self._directory(source.repo)
+        directory, source = found
         deadline = time.monotonic() + _LISTING_WAIT_S
         while self._locked(directory):
             fetching = fetching_files(directory, source)
@@ -219,12 +219,14 @@ class ModelStore:
         held = self._held(repo, commit)
         return None if held is None else served_listing(held[0], held[1])
 
-    def _held(self, repo: str, commit: str) -> tuple[Path, HubSource] | None:
+    def _source_dir(self, repo: str, commit: str) -> tuple[Path, HubSource] | None:
+        """Where `repo` at `commit` lives in this store, whether or not it is there yet."""
         source = HubSource.parse(f"{HubSource.PREFIX}{repo}@{commit}")
-        if source is None:
-            return None
-        path = self._directory(source.repo)
-        return (path, source) if path.is_dir() else None
+        return None if source is None else (self._directory(source.repo), source)
+
+    def _held(self, repo: str, commit: str) -> tuple[Path, HubSource] | None:
+        found = self._source_dir(repo, commit)
+        return found if found is not None and found[0].is_dir() else None
 
     def hub_models(self) -> dict[ModelId, Path]:
         """The hub models this store holds files of (whole or in part), by model id."""
@@ -246,11 +248,14 @@ class ModelStore:
         with self._lock(path):
             shutil.rmtree(path, ignore_errors=True)
 
+    def _lock_path(self, path: Path) -> Path:
+        return self.root / f".{path.name}.lock"
+
     @contextmanager
     def _try_lock(self, path: Path) -> Generator[bool]:
         """The lock of `path` if nobody holds it (True), else False at once."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / f".{path.name}.lock").open("a") as lock_file:
+        with self._lock_path(path).open("a") as lock_file:
             try:
                 fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -264,7 +269,7 @@ class ModelStore:
     @contextmanager
     def _lock(self, path: Path) -> Generator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / f".{path.name}.lock").open("a") as lock_file:
+        with self._lock_path(path).open("a") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
                 yield
@@ -274,7 +279,7 @@ class ModelStore:
     def _locked(self, path: Path) -> bool:
         """Whether some process (this one included) prepares the model at `path` now."""
         try:
-            lock_file = (self.root / f".{path.name}.lock").open("rb")
+            lock_file = self._lock_path(path).open("rb")
         except FileNotFoundError:
             return False
         with lock_file:
