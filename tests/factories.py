@@ -15,6 +15,7 @@ from exo.shared.types.events import (
     MemberJoined,
     MemberLeft,
     MemberTimedOut,
+    ModelFilesRemoved,
     ModelStoreProgress,
     NodeStarted,
     RunnerStatusChanged,
@@ -191,10 +192,10 @@ def events(draw: st.DrawFn) -> Event:
     node = draw(nodes)
     inst = draw(instance_ids)
     task_id = draw(task_ids)
-    choice = draw(st.integers(0, 12))
-    if choice == 11:
-        return draw(telemetry_events())
+    choice = draw(st.integers(0, 13))
     if choice == 12:
+        return draw(telemetry_events())
+    if choice == 13:
         return draw(cluster_events(node))
     options: list[Event] = [
         NodeStarted(
@@ -224,5 +225,6 @@ def events(draw: st.DrawFn) -> Event:
         ModelStoreProgress(
             node_id=node, model_id=MODEL, done_bytes=50, total_bytes=100, complete=False
         ),
+        ModelFilesRemoved(node_id=node, model_id=MODEL),
     ]
     return options[choice]

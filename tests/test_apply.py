@@ -11,11 +11,14 @@ from exo.shared.types.events import (
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
+    ModelFilesRemoved,
+    ModelStoreProgress,
     NodeStarted,
     RunnerStatusChanged,
     TaskCreated,
     TaskFinished,
 )
+from exo.shared.types.ids import ModelId
 from exo.shared.types.runners import RunnerFailed, RunnerReady
 from exo.shared.types.state import State
 from tests.factories import INSTANCES, NODES, TASKS, events, indexed, instance, runner_of, task
@@ -152,3 +155,18 @@ def test_a_repeated_instance_id_changes_nothing() -> None:
     )
     assert state.instances[INSTANCES[0]] == first
     assert set(state.runners) == {runner_of(INSTANCES[0], 0), runner_of(INSTANCES[0], 1)}
+
+
+def test_a_node_that_removed_a_model_s_files_is_no_longer_a_copy_of_it() -> None:
+    model = ModelId("org/chat")
+    done = [
+        ModelStoreProgress(
+            node_id=node, model_id=model, done_bytes=10, total_bytes=10, complete=True
+        )
+        for node in NODES[:2]
+    ]
+    state = fold(State(), indexed([*done, ModelFilesRemoved(node_id=NODES[1], model_id=model)]))
+    assert list(state.model_progress) == [f"{NODES[0]}/{model}"]
+    # Removing what the state never had changes nothing.
+    late = indexed([ModelFilesRemoved(node_id=NODES[1], model_id=model)], start=3)[0]
+    assert apply(state, late).model_progress == state.model_progress

@@ -19,6 +19,7 @@ from tests.fake_hub import FakeHub, FakeRepo, serving, sharded
 pytestmark = pytest.mark.slow
 
 REPO = "exo-test/smollm2-copy"
+OTHER = "exo-test/smollm2-copy-2"
 
 
 def _own_store(home: Path, shared_models: Path, *args: str) -> Daemon:
@@ -44,6 +45,12 @@ def _greedy(node: Daemon, model: str) -> str:
     return reply.choices[0].message.content or ""
 
 
+def _delete_instances(node: Daemon) -> None:
+    for view in node.get("/instances")["data"]:
+        iid = view["instance"]["instance_id"]
+        httpx.delete(f"{node.url}/instances/{iid}", timeout=30.0).raise_for_status()
+
+
 @pytest.fixture(scope="module")
 def hub(shared_models: Path) -> Iterator[FakeHub]:
     builtin = ModelStore(shared_models).ensure(BUILTIN)
@@ -55,7 +62,11 @@ def hub(shared_models: Path) -> Iterator[FakeHub]:
 def test_a_hub_model_named_at_start_is_added_downloaded_and_served(
     tmp_path: Path, shared_models: Path, hub: FakeHub
 ) -> None:
-    node = _own_store(tmp_path / "node", shared_models, "--hf-endpoint", hub.url, "--model", REPO)
+    # Room for one copy of the model (~0.1 GB), not two.
+    limit = ("--model-store-max-gb", "0.15")
+    node = _own_store(
+        tmp_path / "node", shared_models, "--hf-endpoint", hub.url, "--model", REPO, *limit
+    )
     store = tmp_path / "node" / "cache" / "models"
     node.start()
     try:
@@ -77,27 +88,41 @@ def test_a_hub_model_named_at_start_is_added_downloaded_and_served(
         assert added.json()["model_id"] == REPO
         assert REPO in [m.id for m in _client(node).models.list().data]
         # The same weights under another name: the same greedy answer.
-        assert _greedy(node, REPO) == _greedy(node, BUILTIN) != ""
+        answer = _greedy(node, BUILTIN)
+        assert _greedy(node, REPO) == answer != ""
         body = node.get("/state")
-        progress = body["state"]["model_progress"][f"{body['node_id']}/{REPO}"]
+        node_id = body["node_id"]
+        progress = body["state"]["model_progress"][f"{node_id}/{REPO}"]
         served = sum(len(c) for c in hub.repos[REPO].files.values())
         assert progress["complete"]
         assert progress["done_bytes"] == progress["total_bytes"] == served
         assert (store / "exo-test--smollm2-copy" / "model.safetensors").is_file()
-        # Removed: refused while an instance of it runs; then it leaves the catalogue and
-        # the node deletes its files.
+        # Refused while an instance of it runs.
         busy = httpx.delete(f"{node.url}/models/{REPO}", timeout=30.0)
         assert busy.status_code == 400 and "delete them first" in busy.text
-        for view in node.get("/instances")["data"]:
-            if view["instance"]["model_id"] == REPO:
-                iid = view["instance"]["instance_id"]
-                httpx.delete(f"{node.url}/instances/{iid}", timeout=30.0).raise_for_status()
-        assert httpx.delete(f"{node.url}/models/{REPO}", timeout=30.0).status_code == 200
-        assert REPO not in [m.id for m in _client(node).models.list().data]
+        _delete_instances(node)
+
+        # The store holds one copy (--model-store-max-gb): placing a second model removes
+        # the first one's files, and the state stops counting this node as a copy of it.
+        hub.repos[OTHER] = FakeRepo(dict(hub.repos[REPO].files))
+        assert httpx.post(f"{node.url}/models", json={"repo": OTHER}, timeout=60.0).is_success
+        node.wait_ready(OTHER)
+        assert _greedy(node, OTHER) == answer
+        assert not (store / "exo-test--smollm2-copy").exists()
+        assert (store / "exo-test--smollm2-copy-2" / "model.safetensors").is_file()
+        assert f"removed the files of {REPO}" in node.output()
+        progress = node.get("/state")["state"]["model_progress"]
+        assert f"{node_id}/{REPO}" not in progress
+        assert progress[f"{node_id}/{OTHER}"]["complete"]
+
+        # Removed from the catalogue: the node deletes its files.
+        _delete_instances(node)
+        assert httpx.delete(f"{node.url}/models/{OTHER}", timeout=30.0).status_code == 200
+        assert OTHER not in [m.id for m in _client(node).models.list().data]
         deadline = time.monotonic() + 30.0
-        while (store / "exo-test--smollm2-copy").exists() and time.monotonic() < deadline:
+        while (store / "exo-test--smollm2-copy-2").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not (store / "exo-test--smollm2-copy").exists(), node.output()
+        assert not (store / "exo-test--smollm2-copy-2").exists(), node.output()
     finally:
         node.stop()
 
@@ -157,9 +182,7 @@ def test_a_pipeline_of_a_sharded_hub_model_fetches_each_stage_s_files_on_its_nod
 
         # The whole model on the second node: the first stage's file comes from the first
         # node (a peer that holds it, over its API on the LAN), not again from the hub.
-        for view in nodes[0].get("/instances")["data"]:
-            iid = view["instance"]["instance_id"]
-            httpx.delete(f"{nodes[0].url}/instances/{iid}", timeout=30.0).raise_for_status()
+        _delete_instances(nodes[0])
         whole = [{"node_id": ids[1], "engine": "torch", "start_layer": 0, "end_layer": 30}]
         placed = httpx.post(
             f"{nodes[1].url}/instances", json={"model": SHARDED, "stages": whole}, timeout=60.0

@@ -21,6 +21,7 @@ from exo.shared.types.events import (
     InstanceDeleted,
     LinkProfileMeasured,
     ModelAdded,
+    ModelFilesRemoved,
     ModelRemoved,
     ModelStoreProgress,
     NodeStarted,
@@ -167,6 +168,11 @@ def events() -> list[tuple[str, Event]]:
         ("m", ModelAdded(card=SMOLLM2_135M_INSTRUCT.model_copy(update={"model_id": HUB_MODEL, "display_name": "chat", "source": f"hf:{HUB_MODEL}@{'a' * 40}"}))),
         ("m", ModelAdded(card=SMOLLM2_135M_INSTRUCT.model_copy(update={"model_id": OLD_MODEL, "display_name": "old", "source": f"hf:{OLD_MODEL}@{'b' * 40}"}))),
         ("m", ModelRemoved(model_id=OLD_MODEL)),
+        # Both nodes hold the hub model; B removes its files to stay within its store's limit.
+        ("a/1", ModelStoreProgress(node_id=A, model_id=HUB_MODEL, done_bytes=10, total_bytes=10, complete=True)),
+        ("b/2", ModelStoreProgress(node_id=B, model_id=HUB_MODEL, done_bytes=10, total_bytes=10, complete=True)),
+        ("b/2", ModelFilesRemoved(node_id=B, model_id=HUB_MODEL)),
+        ("b/2", ModelFilesRemoved(node_id=B, model_id=OLD_MODEL)),
     ]  # fmt: skip
 
 

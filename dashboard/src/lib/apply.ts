@@ -126,6 +126,13 @@ function applyEvent(state: State, event: Event): State {
         ...state,
         model_progress: { ...state.model_progress, [`${event.node_id}/${event.model_id}`]: event },
       };
+    case 'model_files_removed': {
+      const key = `${event.node_id}/${event.model_id}`;
+      if (!(key in state.model_progress)) return state;
+      const progress = { ...state.model_progress };
+      delete progress[key];
+      return { ...state, model_progress: progress };
+    }
     case 'device_inventory_reported': {
       const nodes = state.node_devices ?? {};
       const old = nodes[event.node_id];

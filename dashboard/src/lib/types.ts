@@ -183,6 +183,7 @@ export type Event =
   | { kind: 'model_added'; card: ModelCard }
   | { kind: 'model_removed'; model_id: ModelId }
   | ModelStoreProgress
+  | { kind: 'model_files_removed'; node_id: NodeId; model_id: ModelId }
   | { kind: 'device_inventory_reported'; node_id: NodeId; devices: DeviceSpec[]; reported_at_ms: number }
   | {
       kind: 'device_metrics_reported';
@@ -220,6 +221,7 @@ export const KNOWN_EVENT_KINDS: ReadonlySet<string> = new Set([
   'model_added',
   'model_removed',
   'model_store_progress',
+  'model_files_removed',
   'device_inventory_reported',
   'device_metrics_reported',
   'link_profile_measured',

@@ -53,6 +53,14 @@ describe('apply matches exo.shared.apply on failure paths', () => {
     expect(state.removed_models).toEqual({ 'org/old': `hf:org/old@${'b'.repeat(40)}` });
   });
 
+  it("forgets a node's copy of a model once it removed the files", () => {
+    const state = fold(emptyState(), events);
+    // B's copy of org/chat went to make room; A's stays, and an unknown one changes nothing.
+    expect(Object.keys(state.model_progress)).toEqual(['node-aaaa/smollm2-135m-instruct', 'node-aaaa/org/chat']);
+    const before = fold(emptyState(), events.slice(0, -1));
+    expect(apply(before, events[events.length - 1]!).model_progress).toBe(before.model_progress);
+  });
+
   it('folds device inventory, metrics and links', () => {
     const state = fold(emptyState(), events);
     // Metrics before an inventory are dropped; a device leaving takes its figures along.

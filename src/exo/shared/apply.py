@@ -17,6 +17,7 @@ from exo.shared.types.events import (
     MemberLeft,
     MemberTimedOut,
     ModelAdded,
+    ModelFilesRemoved,
     ModelRemoved,
     ModelStoreProgress,
     NodeStarted,
@@ -128,6 +129,13 @@ def _apply_event(state: State, event: Event) -> State:
         case ModelStoreProgress():
             key = f"{event.node_id}/{event.model_id}"
             return state.model_copy(update={"model_progress": {**state.model_progress, key: event}})
+        case ModelFilesRemoved(node_id=node_id, model_id=model_id):
+            key = f"{node_id}/{model_id}"
+            if key not in state.model_progress:
+                return state
+            return state.model_copy(
+                update={"model_progress": _without(state.model_progress, {key})}
+            )
         case DeviceInventoryReported():
             return _device_inventory(state, event)
         case DeviceMetricsReported():

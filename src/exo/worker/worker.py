@@ -13,6 +13,7 @@ from exo.models.hub import HubError
 from exo.models.progress import ConsoleProgress
 from exo.routing.router import Router
 from exo.shared.types.events import (
+    ModelFilesRemoved,
     ModelStoreProgress,
     RunnerEndpointReported,
     RunnerStatusChanged,
@@ -248,6 +249,13 @@ class Worker:
                         self._models.ensure, model_id, on_progress, layers
                     )
                 finally:
+                    held = await anyio.to_thread.run_sync(self._models.hub_models)
                     # Even a failed download may have left files (resumed later, or pruned).
-                    if model_id in await anyio.to_thread.run_sync(self._models.hub_models):
+                    if model_id in held:
                         self._stored.add(model_id)
+                    # What the store removed to stay within its size limit: peers stop
+                    # counting this node as a source of it.
+                    for gone in sorted(self._stored - held.keys() - self._pruning):
+                        self._stored.discard(gone)
+                        removed = ModelFilesRemoved(node_id=self._node_id, model_id=gone)
+                        await self._emitter.emit(removed)

@@ -116,6 +116,15 @@ class ModelStoreProgress(Frozen):
     complete: bool
 
 
+class ModelFilesRemoved(Frozen):
+    """A node removed a hub model's files from its store (the least recently used, to keep
+    the store within its size limit): it holds no copy of the model now."""
+
+    kind: Literal["model_files_removed"] = "model_files_removed"
+    node_id: NodeId
+    model_id: ModelId
+
+
 class DeviceInventoryReported(Frozen):
     """A node's full device list: sent when its telemetry starts and when devices change."""
 
@@ -200,6 +209,7 @@ Event = Annotated[
     | ModelAdded
     | ModelRemoved
     | ModelStoreProgress
+    | ModelFilesRemoved
     | DeviceInventoryReported
     | DeviceMetricsReported
     | LinkProfileMeasured
