@@ -18,7 +18,7 @@ settings.register_profile("exo", deadline=None, suppress_health_check=[HealthChe
 settings.load_profile("exo")
 
 BUILTIN = "smollm2-135m-instruct"
-# Every daemon of the session shares one inductor cache (warmed by `shared_models`) instead
+# Every daemon of the session shares one inductor cache (warmed by `compiled_models`) instead
 # of its own under its EXO_HOME, which would cost each a cold compile (~70 s). The folder
 # is torch's own default, so runs of the suite on one machine keep it warm.
 os.environ.setdefault(
@@ -29,23 +29,30 @@ os.environ.setdefault(
 
 @pytest.fixture(scope="session")
 def shared_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One converted copy of the built-in model for every daemon in the session, its torch
-    decode steps compiled once here: inductor's on-disk cache then serves every runner the
-    daemons start (a cold compile is ~70 s, a warm one ~14 s)."""
+    """One converted copy of the built-in model for every daemon in the session."""
     from exo.models.store import ModelStore
-    from exo.worker.engines.base import ShardSpec
-    from exo.worker.engines.torch.engine import TorchEngine
 
     root = tmp_path_factory.mktemp("models")
-    model_dir = ModelStore(root).ensure(BUILTIN, lambda done, total: None)  # pyright: ignore[reportArgumentType]
-    engine = TorchEngine.load(model_dir, ShardSpec(0, 30, 30), lambda _: None)
-    del engine
+    ModelStore(root).ensure(BUILTIN, lambda done, total: None)  # pyright: ignore[reportArgumentType]
     return root
 
 
+@pytest.fixture(scope="session")
+def compiled_models(shared_models: Path) -> Path:
+    """`shared_models`, its torch decode steps compiled once here: inductor's on-disk cache
+    then serves the runners of the daemons that compile (`Daemon(compiled=True)`), whose
+    loads would otherwise start with a cold compile (~70 s, more on a busy machine)."""
+    from exo.worker.engines.base import ShardSpec
+    from exo.worker.engines.torch.engine import TorchEngine
+
+    engine = TorchEngine.load(shared_models / BUILTIN, ShardSpec(0, 30, 30), lambda _: None)
+    del engine
+    return shared_models
+
+
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory, shared_models: Path) -> Iterator[Daemon]:
-    node = Daemon(tmp_path_factory.mktemp("node"), shared_models).start()
+def daemon(tmp_path_factory: pytest.TempPathFactory, compiled_models: Path) -> Iterator[Daemon]:
+    node = Daemon(tmp_path_factory.mktemp("node"), compiled_models, compiled=True).start()
     try:
         yield node
     finally:

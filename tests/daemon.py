@@ -44,9 +44,27 @@ def free_port() -> int:
         return port
 
 
+# A test daemon's torch stages step eagerly unless its test asks for the compiled decode
+# (`compiled=True`). Compiling a stage's decode steps costs 40-60 s of every runner load on
+# a 2-core machine even with inductor's cache warm (dynamo traces each graph anew; eager:
+# ready in ~10 s), and the cluster, failover, download and dashboard tests load runners
+# dozens of times for what they check. The compiled path runs end to end in
+# tests/test_daemon_api.py and tests/test_daemon_pipeline.py (their daemons),
+# tests/test_pipeline_chain.py and tests/test_runner_process.py (runner processes), and
+# tests/test_torch_engine.py.
+EAGER = {"EXO_TORCH_COMPILE": "0"}
+
+
 class Daemon:
-    def __init__(self, home: Path, shared_models: Path | None = None, *args: str) -> None:
+    def __init__(
+        self,
+        home: Path,
+        shared_models: Path | None = None,
+        *args: str,
+        compiled: bool = False,
+    ) -> None:
         self.home = home
+        self.compiled = compiled
         self.port = free_port()
         self.mesh_port = free_port()
         # Daemons of a test find each other by --peer; mDNS only where a test asks for it.
@@ -87,7 +105,7 @@ class Daemon:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "EXO_HOME": str(self.home)}
+        return {**os.environ, **({} if self.compiled else EAGER), "EXO_HOME": str(self.home)}
 
     def start(self, timeout_s: float = 120.0) -> "Daemon":
         self.home.mkdir(parents=True, exist_ok=True)

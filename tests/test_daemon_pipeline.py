@@ -24,8 +24,8 @@ def user(text: str) -> list[ChatCompletionMessageParam]:
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, shared_models: Path) -> Iterator[Daemon]:
-    daemon = Daemon(tmp_path_factory.mktemp("pipeline"), shared_models).start()
+def node(tmp_path_factory: pytest.TempPathFactory, compiled_models: Path) -> Iterator[Daemon]:
+    daemon = Daemon(tmp_path_factory.mktemp("pipeline"), compiled_models, compiled=True).start()
     try:
         yield daemon
     finally:
