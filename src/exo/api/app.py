@@ -443,7 +443,7 @@ def create_app(
 
 def _not_held(repo: str, commit: str, path: str | None = None) -> ApiError:
     what = f"{repo}@{commit}" + (f" {path}" if path else "")
-    return ApiError(404, f"This node holds no complete copy of {what}.", code="not_held")
+    return ApiError(404, f"This node neither holds nor is downloading {what}.", code="not_held")
 
 
 async def _card_or_hub(

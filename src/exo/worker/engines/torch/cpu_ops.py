@@ -19,6 +19,7 @@ or torch's extension folder, and only loaded afterwards (~0.2 s). Measurements a
 accuracy: docs/torch_engine.md.
 """
 
+import hashlib
 import os
 import shutil
 import threading
@@ -67,9 +68,14 @@ def _cpu_has_avx2() -> bool:
 
 
 def _build_directory() -> Path | None:
-    # A folder per extension name: builds of different versions never share a build file.
+    # A folder per extension name and source folder: builds of different versions never
+    # share a build file, and two installs sharing one cache (a checkout and its clone) do
+    # not rebuild each other's (ninja's build file names the sources by absolute path).
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    return Path(cache) / "exo_kernels" / _NAME if cache else None
+    if not cache:
+        return None
+    where = hashlib.sha256(str(_SOURCES[0].parent).encode()).hexdigest()[:12]
+    return Path(cache) / "exo_kernels" / f"{_NAME}-{where}"
 
 
 def _ninja_on_path() -> None:
