@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.daemon import Daemon
 
+from exo.worker.engines.torch.compiled import measure_compiled_steady_state
+
 MODEL = "smollm2-135m-instruct"
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
 NEW_TOKENS = 128
@@ -111,7 +113,8 @@ def main() -> None:
         reference = MlxLmReference(model_dir)
         # The MLX engine on both sides, so the ratio isolates what our daemon and API add.
         engine = sys.argv[1] if len(sys.argv) > 1 else "mlx"
-        daemon = Daemon(Path(tmp) / "node", models, "--engine", engine).start()
+        measure_compiled_steady_state()
+        daemon = Daemon(Path(tmp) / "node", models, "--engine", engine, compiled=True).start()
         try:
             daemon.wait_ready(MODEL)
             n_tokens = api_run(daemon)[2]  # warm-up; the reference makes as many tokens

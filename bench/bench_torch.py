@@ -114,6 +114,9 @@ def main() -> None:
             "smollm2-135m-instruct"
         )
     n: int = args.tokens
+    from exo.worker.engines.torch.compiled import measure_compiled_steady_state
+
+    measure_compiled_steady_state()
 
     rss = rss_of_loaded_model(model_dir)
     disk = weights_bytes(model_dir)

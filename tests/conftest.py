@@ -41,11 +41,14 @@ def shared_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def compiled_models(shared_models: Path) -> Path:
     """`shared_models`, its torch decode steps compiled once here: inductor's on-disk cache
     then serves the runners of the daemons that compile (`Daemon(compiled=True)`), whose
-    loads would otherwise start with a cold compile (~70 s, more on a busy machine)."""
+    loads would otherwise start with a cold compile (~70 s, more on a busy machine), and
+    whose idle-time compiles of the larger batches' steps would be cold too."""
     from exo.worker.engines.base import ShardSpec
     from exo.worker.engines.torch.engine import TorchEngine
 
     engine = TorchEngine.load(shared_models / BUILTIN, ShardSpec(0, 30, 30), lambda _: None)
+    while engine.idle_work():
+        pass
     del engine
     return shared_models
 

@@ -1,9 +1,12 @@
 """The runner as a real subprocess, driven through its frame protocol."""
 
+import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, BinaryIO, cast
@@ -34,12 +37,13 @@ TIMEOUT_S = 120.0
 
 
 class RunnerProcess:
-    def __init__(self, stderr: IO[bytes]) -> None:
+    def __init__(self, stderr: IO[bytes], env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exo.worker.runner"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
+            env={**os.environ, **(env or {})},
         )
         self._received: queue.Queue[FromRunner | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -222,6 +226,42 @@ BATCH_PROMPTS = {
 }
 BATCH_TOKENS = 16
 
+
+def torch_load(model_dir: Path) -> LoadShard:
+    return LoadShard(
+        model_dir=str(model_dir), engine="torch", start_layer=0, end_layer=30, n_layers=30
+    )
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler: nothing compiles")
+def test_a_torch_runner_compiles_while_idle_and_stops_at_once_when_told(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """Ready once one request's decode step is compiled; the other batch sizes compile while
+    the runner has nothing to serve, and a Shutdown during such a compile (seconds, not
+    interruptible) ends the runner at once instead of waiting to be killed."""
+    log = tmp_path / "runner.stderr"
+    with log.open("wb") as stderr:
+        process = RunnerProcess(stderr, {"EXO_RUNNER_LOG_LEVEL": "DEBUG"})
+        try:
+            process.send(torch_load(model_dir))
+            assert process.statuses_until("ready", "failed")[-1] == "ready"
+            text = log.read_text()
+            assert "compiled decode steps of batches of 1 in" in text, text[-2000:]
+            assert "batches of 2, 4, 8 compile when idle" in text, text[-2000:]
+            deadline = time.monotonic() + TIMEOUT_S
+            while "compiling the decode step of batches of 2" not in log.read_text():
+                assert time.monotonic() < deadline, "no compile while idle"
+                time.sleep(0.05)
+            process.send(Shutdown())
+            assert process.wait() == 0
+            assert "told to stop while preparing in idle time" in log.read_text()
+        finally:
+            if process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait()
+
+
 Ended = tuple[list[TokenChunk], StreamEnd | StreamError]
 
 
@@ -232,15 +272,7 @@ def torch_runner(
     with (tmp_path_factory.mktemp("torch-runner") / "runner.stderr").open("wb") as stderr:
         process = RunnerProcess(stderr)
         try:
-            process.send(
-                LoadShard(
-                    model_dir=str(model_dir),
-                    engine="torch",
-                    start_layer=0,
-                    end_layer=30,
-                    n_layers=30,
-                )
-            )
+            process.send(torch_load(model_dir))
             assert process.statuses_until("ready", "failed")[-1] == "ready"
             yield process
             process.send(Shutdown())

@@ -18,9 +18,10 @@ from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
 from exo.shared.types.ids import TaskId
 from exo.worker.engines.base import ChatTokenizer, ShardSpec, load_engine, warm_up
 from exo.worker.engines.choice import default_engine
+from exo.worker.engines.torch import compiled as compiled_module
 from exo.worker.engines.torch import cpu_ops, device
 from exo.worker.engines.torch.cache import KVCache, RequestBatch
-from exo.worker.engines.torch.compiled import CompiledDecoder
+from exo.worker.engines.torch.compiled import BUCKETS, CompiledDecoder
 from exo.worker.engines.torch.engine import TorchEngine, TorchRequest
 from exo.worker.engines.torch.llama import rope_frequencies
 from exo.worker.engines.torch.quant import (
@@ -261,7 +262,7 @@ def test_compiled_decode_falls_back_to_eager_when_compiling_fails(tmp_path: Path
 
     decoder = CompiledDecoder(engine.stage)
     decoder._step = cast(Any, no_compiler)  # pyright: ignore[reportPrivateUsage]
-    decoder.prepared = True  # as if compiled at load, failing on the first real step
+    decoder.ready.add(1)  # as if compiled at load, failing on the first real step
     prompt, step = [3, 17, 99], [42]
     eager, compiled = engine.new_request(8, seed=0), engine.new_request(8, seed=0)
     engine.forward(engine.token_input(prompt), eager)
@@ -453,13 +454,37 @@ def _batched_greedy(
 
 
 @pytest.mark.slow
-def test_batched_greedy_equals_unbatched(fast: TorchEngine, tokenizer: ChatTokenizer) -> None:
+def test_batched_greedy_equals_unbatched(
+    fast: TorchEngine, tokenizer: ChatTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether a batch's bucket has no graph yet (eager), gets one because such batches
+    keep coming, or got one while the runner was idle, the tokens are the same."""
     texts = [*PROMPTS, "Write a haiku about the sea.", "List three colours."]
     prompts = [_prompt(tokenizer, t) for t in texts]
     n = 12
+    # Two start together (2 rows), the others join mid-stream (3, then 4 rows).
+    joins = {0: 0, 1: 0, 2: 3, 3: 7}
     alone = [_greedy(fast, p, n)[0] for p in prompts]
-    # Two start together, the others join mid-stream.
-    assert _batched_greedy(fast, prompts, n, {0: 0, 1: 0, 2: 3, 3: 7}) == alone
+    decoder = fast.decoder
+
+    def ready() -> set[int]:  # empty where nothing compiles (no C++ compiler)
+        return decoder.ready if decoder is not None and not decoder.failed else set()
+
+    if ready():
+        assert ready() == {1}, "a load compiles the step of one request only"
+    assert _batched_greedy(fast, prompts, n, joins) == alone
+    # Sustained demand: a bucket compiles between two steps after its second eager step.
+    monkeypatch.setattr(compiled_module, "_DEMAND_STEPS", 2)
+    assert _batched_greedy(fast, prompts, n, joins) == alone
+    if ready():
+        assert ready() == {1, 2, 4}, ready()
+    # Idle time: the rest, one graph a call, then nothing left.
+    while fast.idle_work():
+        pass
+    if ready():
+        assert ready() == set(BUCKETS)
+    assert not fast.idle_work()
+    assert _batched_greedy(fast, prompts, n, joins) == alone
 
 
 @pytest.mark.slow

@@ -47,6 +47,7 @@ from exo.shared.types.ids import NodeId, TaskId
 from exo.shared.types.placement import EngineEfficiency, Placement, PlacementRequest
 from exo.shared.types.topology import ClusterView, DeviceId, DeviceProfile
 from exo.worker.engines.base import ChatTokenizer, Engine, ShardSpec, load_engine, warm_up
+from exo.worker.engines.torch.compiled import measure_compiled_steady_state
 from exo.worker.generate import generate
 from exo.worker.telemetry.profiler import cpu_bandwidth, cpu_compute
 
@@ -169,6 +170,7 @@ def main() -> None:
     args = parser.parse_args()
     engine_name: EngineName = args.engine
     n: int = args.tokens
+    measure_compiled_steady_state()
     model_dir: Path = ModelStore(Path.home() / ".cache" / "exo" / "models").ensure(CARD.model_id)
     tokenizer = ChatTokenizer.from_dir(model_dir)
     prompt = len(tokenizer.encode_chat([ChatMessage(role="user", content=PROMPT)]))

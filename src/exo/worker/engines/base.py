@@ -157,6 +157,16 @@ class SharesCores(Protocol):
         ...
 
 
+@runtime_checkable
+class WorksWhenIdle(Protocol):
+    """An engine that defers part of its preparation until its runner has nothing to serve
+    (the torch engine compiles the decode steps of larger batches then)."""
+
+    def idle_work(self) -> bool:
+        """Do one piece of that work (it may take seconds); False once none is left."""
+        ...
+
+
 def load_engine(
     engine: EngineName, model_dir: Path, shard: ShardSpec, on_progress: ProgressCallback
 ) -> Engine[Any, Any]:

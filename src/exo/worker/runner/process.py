@@ -23,6 +23,11 @@ its next prefill chunk).
 
 A reader thread turns stdin frames into messages on a queue; the main thread drains that
 queue between tokens, so a Cancel arriving mid-generation takes effect at the next token.
+
+A whole-model engine that defers part of its preparation (`WorksWhenIdle`: the torch
+engine's decode graphs for larger batches) does it piece by piece while the queue is empty
+and nothing is being served; a message that arrives meanwhile waits for the piece under
+way (`exo.worker.runner.idle`). Pipeline stages prepare everything at load.
 """
 
 import json
@@ -52,12 +57,14 @@ from exo.worker.engines.base import (
     ChatTokenizer,
     Engine,
     ShardSpec,
+    WorksWhenIdle,
     load_engine,
     warm_up,
 )
 from exo.worker.generate import TokenStream, failed, generate, prefill, prepare_prompt
 from exo.worker.pipeline.links import StageListener
 from exo.worker.pipeline.stage import StageEvent, StageLoop, new_event_queue
+from exo.worker.runner.idle import stop_now_if_idle_working, work_while_idle
 from exo.worker.runner.protocol import (
     TO_RUNNER,
     Cancel,
@@ -99,10 +106,14 @@ def read_messages(stream: BinaryIO, inbox: "queue.Queue[ToRunner | None]") -> No
     """Reader thread: every message from the supervisor, then None at end of input."""
     try:
         while (payload := read_frame_sync(stream)) is not None:
-            inbox.put(TO_RUNNER.validate_json(payload))
+            message = TO_RUNNER.validate_json(payload)
+            if isinstance(message, Shutdown):
+                stop_now_if_idle_working()
+            inbox.put(message)
     except (FrameError, ValueError, OSError) as exc:
         logger.error(f"bad input from supervisor, stopping: {exc}")
     finally:
+        stop_now_if_idle_working()
         inbox.put(None)
 
 
@@ -311,9 +322,16 @@ class Runner:
 
     def _run_batched(self, engine: BatchingEngine[object, object]) -> int:
         busy = False
+        idle_work = isinstance(engine, WorksWhenIdle)
         while True:
             while not self._pending and not self._active and not self._stopping:
-                self._handle(self._inbox.get())
+                try:
+                    message = self._inbox.get(block=not idle_work)
+                except queue.Empty:
+                    # Nothing to serve: one piece of the engine's deferred preparation.
+                    idle_work = work_while_idle(cast(WorksWhenIdle, engine))
+                    continue
+                self._handle(message)
             self._drain()
             if self._stopping:
                 for active in self._active:

@@ -12,11 +12,21 @@ length (`attend_one_new`); after the warm up the lengths are symbolic, so a grap
 every length.
 
 The batch size is part of a graph (each request brings its own cache tensors): sizes are
-padded to a bucket (1, 2, 4, 8) with scratch requests, one graph per bucket, all compiled
-at load; larger batches run in chunks of 8. So is torch's thread count (the compiler's
-guards check it: a step at another count would run eagerly): a stage that switches between
-two counts (`TorchEngine.use_cores`) gets each bucket's graph for each. Any failure to
-compile (no C++ compiler, an inductor bug) falls back to eager for good.
+padded to a bucket (1, 2, 4, 8) with scratch requests, one graph per bucket; larger batches
+run in chunks of 8. So is torch's thread count (the compiler's guards check it: a step at
+another count would run eagerly): a stage that switches between two counts
+(`TorchEngine.use_cores`) gets each bucket's graph for each.
+
+Compiling a bucket takes seconds (on a 2-core box 5-15 s each with inductor's cache warm,
+most of it dynamo tracing the Python), so a whole model's load compiles only the bucket of
+one request, and its runner compiles the others while it has nothing to serve
+(`compile_next`, one graph at a time; a request that arrives meanwhile waits for that one).
+Until its bucket is there, a batch decodes eagerly (a batch of 4: ~1.4x a compiled step,
+while four steps of the one-row graph would cost ~2.3x); a batch size that keeps coming
+without the runner ever idling (`_DEMAND_STEPS` eager steps) gets its graph compiled
+between two steps. A pipeline stage, and any stage with `$EXO_TORCH_COMPILE=all` (benches),
+compiles every bucket at load. Any failure to compile (no C++ compiler, an inductor bug)
+falls back to eager for good.
 """
 
 import os
@@ -31,7 +41,7 @@ from torch import Tensor
 from exo.worker.engines.torch.cache import KVCache, RequestBatch, attend_one_new
 from exo.worker.engines.torch.llama import LlamaStage, Rope, TransformerBlock
 
-# "0" turns compiled decode off (eager only).
+# "0" turns compiled decode off (eager only); "all" compiles every bucket at load.
 COMPILE_ENV = "EXO_TORCH_COMPILE"
 # Batch sizes with a graph of their own: a batch runs in the smallest that holds it, larger
 # ones in chunks of the largest. With our matmul a block of weights is read once for every
@@ -47,11 +57,27 @@ _SCRATCH_START = 2
 _DYNAMIC_SOURCES = r"L\['starts'\].*,L\['keys'\].*:1,L\['values'\].*:1"
 # Per decoder: one graph per bucket, plus slack for the compiler's own specialisations.
 _RECOMPILE_LIMIT = 4 * len(BUCKETS)
+# Eager steps of batches whose bucket has no graph yet, after which the runner stops
+# waiting for an idle moment and compiles that bucket between two steps (at ~25 ms an
+# eager step of 4 rows here: ~10 s of sustained batching).
+_DEMAND_STEPS = 400
 
 
 def compile_wanted(device: torch.device) -> bool:
     """On CPU unless $EXO_TORCH_COMPILE=0 (CUDA replays graphs instead: graphs.py)."""
     return device.type == "cpu" and os.environ.get(COMPILE_ENV, "1").strip() != "0"
+
+
+def compile_all_at_load() -> bool:
+    """$EXO_TORCH_COMPILE=all: every bucket before the stage reports ready."""
+    return os.environ.get(COMPILE_ENV, "").strip() == "all"
+
+
+def measure_compiled_steady_state() -> None:
+    """For benches: torch stages loaded from now on, in this process or its children, compile
+    every bucket at load (unless $EXO_TORCH_COMPILE says otherwise), so that no measurement
+    meets an eager batch or a compile under way in idle time."""
+    os.environ.setdefault(COMPILE_ENV, "all")
 
 
 def _layer(
@@ -101,9 +127,14 @@ class CompiledDecoder:
         self.stage = stage
         self._threads = tuple(threads)
         self.failed = False
-        # Set once every bucket compiled: from then on a step that would need another graph
-        # runs eagerly instead of stalling every request for the compiler.
-        self.prepared = False
+        # Buckets with a graph at every thread count. A step only ever runs a graph of one
+        # of these, under "eager_on_recompile": a step that would need another graph runs
+        # eagerly instead of stalling every request for the compiler.
+        self.ready: set[int] = set()
+        # (bucket, thread count) graphs compiled so far, and eager steps per missing bucket.
+        self._compiled: set[tuple[int, int]] = set()
+        self._demand: dict[int, int] = {}
+        self._loading = False
         # Distinct caches, as many as the most padding any bucket needs (5 rows -> 8).
         self._scratch = [stage.new_cache(_SCRATCH_CAPACITY) for _ in range(max(BUCKETS) // 2 - 1)]
         # Every decoder of the process shares `_decode_step`'s cache of graphs (benches and
@@ -117,6 +148,15 @@ class CompiledDecoder:
         # and attention stay aten kernels on torch's threads.
         self._step = torch.compile(_decode_step, fullgraph=True, options={"cpp.threads": 1})
 
+    @property
+    def prepared(self) -> bool:
+        """At least one request's steps run compiled."""
+        return bool(self.ready)
+
+    @property
+    def thread_counts(self) -> tuple[int, ...]:
+        return self._threads or (torch.get_num_threads(),)
+
     def handles(self, batch: RequestBatch) -> bool:
         # A one-token prompt's prefill (length 0) and its first step (1) are lengths the
         # graphs do not cover (the compiler specialises on 0 and 1): eager.
@@ -129,7 +169,7 @@ class CompiledDecoder:
 
     def __call__(self, x: Tensor, batch: RequestBatch) -> Tensor:
         """The stage's output for one decode step; advances the batch like the stage."""
-        if self.handles(batch):
+        if self.handles(batch) and self._has_graph_for(x.shape[0]):
             try:
                 chunk = max(BUCKETS)
                 outs = [
@@ -151,12 +191,32 @@ class CompiledDecoder:
                 return out
         return self.stage(x, batch)
 
+    def _has_graph_for(self, rows: int) -> bool:
+        """Whether a batch of `rows` runs compiled (its bucket has its graphs); counts the
+        eager steps of a missing bucket, and compiles it once they show a sustained need."""
+        bucket = _bucket(rows)
+        if bucket in self.ready:
+            return True
+        self._demand[bucket] = self._demand.get(bucket, 0) + 1
+        if self._demand[bucket] < _DEMAND_STEPS:
+            return False
+        logger.info(f"batches of {bucket} keep coming: compiling their decode step now")
+        while not self.failed and bucket not in self.ready and self.compile_next(bucket):
+            pass
+        return bucket in self.ready
+
     def _run(
-        self, x: Tensor, caches: Sequence[KVCache], starts: Sequence[int], positions: Tensor
+        self,
+        x: Tensor,
+        caches: Sequence[KVCache],
+        starts: Sequence[int],
+        positions: Tensor,
+        compiling: bool = False,
     ) -> Tensor:
         caches, starts = list(caches), list(starts)
         rows = len(caches)
-        bucket = next(b for b in BUCKETS if b >= rows)
+        # The smallest bucket with graphs that holds the rows (`__call__` made sure of one).
+        bucket = _bucket(rows) if compiling else min(b for b in self.ready if b >= rows)
         pad = bucket - rows
         if pad:
             x = torch.cat([x, x[:1].expand(pad, *x.shape[1:])])
@@ -167,47 +227,89 @@ class CompiledDecoder:
         layers = range(len(self.stage.layers))
         keys = [[cache.keys[i] for cache in caches] for i in layers]
         values = [[cache.values[i] for cache in caches] for i in layers]
-        # Compiling while preparing; afterwards a step that would need a new graph runs eagerly.
-        stance = "eager_on_recompile" if self.prepared else "default"
+        # Compiling only when asked to; a step that would need a new graph runs eagerly.
+        stance = "default" if compiling else "eager_on_recompile"
         with torch.compiler.set_stance(stance):
             out = self._step(self.stage, x, rope.cos, rope.sin, keys, values, starts)
         return out[:rows] if pad else out
 
-    def prepare(self) -> None:
-        """Compile every bucket before any request waits for the compiler, each request's
-        length and cache size as symbols: one graph per bucket (and thread count) serves
-        every request."""
+    def prepare(self, every_bucket: bool = False) -> None:
+        """Compile the steps of one request (or of every bucket) at every thread count
+        before any request waits for the compiler, each request's length and cache size as
+        symbols: one graph per bucket and thread count serves every request."""
+        started = time.perf_counter()
+        buckets = BUCKETS if every_bucket else BUCKETS[:1]
+        self._loading = True
+        try:
+            while not self.failed and not set(buckets) <= self.ready and self.compile_next():
+                pass
+        finally:
+            self._loading = False
+        if self.failed:
+            return
+        counts = self.thread_counts
+        for_counts = f" for {len(counts)} thread counts" if len(counts) > 1 else ""
+        rest = sorted(set(BUCKETS) - self.ready)
+        later = f"; batches of {', '.join(map(str, rest))} compile when idle" if rest else ""
+        logger.info(
+            f"compiled decode steps of batches of {', '.join(map(str, sorted(self.ready)))}"
+            f"{for_counts} in {time.perf_counter() - started:.1f} s{later}"
+        )
+
+    def compile_next(self, bucket: int | None = None) -> bool:
+        """Compile one more graph (the smallest missing bucket, or `bucket`, at the next
+        thread count that lacks it); False when nothing is left to compile."""
+        if self.failed:
+            return False
+        missing = [
+            (b, t)
+            for b in BUCKETS
+            if bucket is None or b == bucket
+            for t in self.thread_counts
+            if (b, t) not in self._compiled
+        ]
+        if not missing:
+            return False
+        b, threads = missing[0]
+        logger.debug(f"compiling the decode step of batches of {b} at {threads} threads")
         started = time.perf_counter()
         current = torch.get_num_threads()
         try:
-            for threads in self._threads or (current,):
-                torch.set_num_threads(threads)
-                if not self._compile_buckets():
-                    return
+            torch.set_num_threads(threads)
+            self._compile_bucket(b)
+        except Exception:
+            logger.opt(exception=True).warning("compiling decode failed; decoding eagerly")
+            self.failed = True
+            return False
         finally:
             torch.set_num_threads(current)
-        self.prepared = True
-        counts = f" for {len(self._threads)} thread counts" if len(self._threads) > 1 else ""
-        logger.info(f"compiled decode steps{counts} in {time.perf_counter() - started:.1f} s")
+        self._compiled.add((b, threads))
+        if all((b, t) in self._compiled for t in self.thread_counts):
+            self.ready.add(b)
+            self._demand.pop(b, None)
+        if not self._loading:  # the load logs one summary
+            logger.info(
+                f"compiled the decode step of batches of {b} at {threads} threads"
+                f" in {time.perf_counter() - started:.1f} s"
+            )
+        return len(missing) > 1
 
-    def _compile_buckets(self) -> bool:
+    def _compile_bucket(self, bucket: int) -> None:
         stage = self.stage
         # The config module gets `patch` at import time: untyped.
         config: Any = torch.compiler.config
         with torch.no_grad(), config.patch(dynamic_sources=_DYNAMIC_SOURCES):
-            for bucket in BUCKETS:
-                if stage.is_first:
-                    x = torch.zeros((bucket, 1), dtype=torch.int64, device=stage.device)
-                else:
-                    shape = (bucket, 1, stage.args.hidden_size)
-                    x = torch.zeros(shape, dtype=stage.activation_dtype, device=stage.device)
-                caches = [stage.new_cache(4 * _SCRATCH_CAPACITY) for _ in range(bucket)]
-                starts = [_SCRATCH_START + b for b in range(bucket)]
-                positions = torch.tensor(starts, device=stage.device)[:, None]
-                try:
-                    self._run(x, caches, starts, positions)
-                except Exception:
-                    logger.opt(exception=True).warning("compiling decode failed; decoding eagerly")
-                    self.failed = True
-                    return False
-        return True
+            if stage.is_first:
+                x = torch.zeros((bucket, 1), dtype=torch.int64, device=stage.device)
+            else:
+                shape = (bucket, 1, stage.args.hidden_size)
+                x = torch.zeros(shape, dtype=stage.activation_dtype, device=stage.device)
+            caches = [stage.new_cache(4 * _SCRATCH_CAPACITY) for _ in range(bucket)]
+            starts = [_SCRATCH_START + b for b in range(bucket)]
+            positions = torch.tensor(starts, device=stage.device)[:, None]
+            self._run(x, caches, starts, positions, compiling=True)
+
+
+def _bucket(rows: int) -> int:
+    """The bucket a batch of `rows` runs in (larger batches: chunks of the largest)."""
+    return next((b for b in BUCKETS if b >= rows), max(BUCKETS))

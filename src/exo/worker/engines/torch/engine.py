@@ -21,7 +21,11 @@ from torch import Tensor
 from exo.shared.types.chat import SamplingParams
 from exo.worker.engines.base import ProgressCallback, ShardSpec
 from exo.worker.engines.torch.cache import KVCache, RequestBatch, SlotCache
-from exo.worker.engines.torch.compiled import CompiledDecoder, compile_wanted
+from exo.worker.engines.torch.compiled import (
+    CompiledDecoder,
+    compile_all_at_load,
+    compile_wanted,
+)
 from exo.worker.engines.torch.device import Placement, choose_placement, release_scratch_memory
 from exo.worker.engines.torch.graphs import SlotDecoder
 from exo.worker.engines.torch.llama import LlamaStage, load_stage
@@ -104,8 +108,17 @@ class TorchEngine:
         # The fast CPU format only: the dense formats are references and stay eager.
         if placement.weights == "int4" and compile_wanted(placement.device):
             engine.decoder = CompiledDecoder(stage, placement.threads)
-            engine.decoder.prepare()
+            # A pipeline stage compiles everything now: a compile while it idles would stall
+            # the requests the other stages admit meanwhile (a cold one, over a minute here,
+            # past the step timeout that fails them).
+            every_bucket = compile_all_at_load() or not shard.is_full
+            engine.decoder.prepare(every_bucket=every_bucket)
         return engine
+
+    def idle_work(self) -> bool:
+        """Compile one more batch size's decode step (seconds; the runner calls this only
+        while it has nothing to serve); False once nothing is left to compile."""
+        return self.decoder is not None and self.decoder.compile_next()
 
     @property
     def stage(self) -> LlamaStage:
