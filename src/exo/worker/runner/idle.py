@@ -3,8 +3,8 @@
 A piece of that work (a compile: seconds) cannot be interrupted, and the supervisor kills a
 runner that does not stop within a few seconds of a Shutdown. So a Shutdown, or the end
 of the supervisor's input, that arrives during a piece ends the process at once: nothing
-is being served then, and a killed compile leaves nothing half-written behind (inductor
-writes its cache files whole).
+is being served then, and the compile's cache stays sound (inductor writes each entry to a
+temporary file and renames it into place).
 """
 
 import os
