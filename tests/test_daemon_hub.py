@@ -2,6 +2,7 @@
 card from a hub on loopback (tests/fake_hub.py), adds it to the cluster, downloads it when
 placed, and serves it to the `openai` client."""
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +115,23 @@ def test_a_hub_model_named_at_start_is_added_downloaded_and_served(
         progress = node.get("/state")["state"]["model_progress"]
         assert f"{node_id}/{REPO}" not in progress
         assert progress[f"{node_id}/{OTHER}"]["complete"]
+
+        # Files deleted by hand while the daemon is down: it says so when it starts again
+        # (restarted without `--model`, which would place REPO again).
+        _delete_instances(node)
+        node.stop()
+        shutil.rmtree(store / "exo-test--smollm2-copy-2")
+        node.args = tuple(a for a in node.args if a not in ("--model", REPO))
+        node.start()
+        deadline = time.monotonic() + 30.0
+        while f"{node_id}/{OTHER}" in node.get("/state")["state"]["model_progress"]:
+            assert time.monotonic() < deadline, node.output()
+            time.sleep(0.2)
+        assert f"the files of {OTHER} left the store while this node was down" in node.output()
+        # Placed again, they come back.
+        node.wait_ready(OTHER)
+        assert (store / "exo-test--smollm2-copy-2" / "model.safetensors").is_file()
+        assert node.get("/state")["state"]["model_progress"][f"{node_id}/{OTHER}"]["complete"]
 
         # Removed from the catalogue: the node deletes its files.
         _delete_instances(node)

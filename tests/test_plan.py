@@ -7,11 +7,13 @@ from exo.shared.types.events import (
     InstanceCreated,
     InstanceDeleted,
     ModelAdded,
+    ModelFilesRemoved,
     ModelRemoved,
+    ModelStoreProgress,
     RunnerStatusChanged,
     TaskCreated,
 )
-from exo.shared.types.ids import ModelId
+from exo.shared.types.ids import ModelId, NodeId
 from exo.shared.types.runners import RunnerFailed, RunnerLoading, RunnerReady
 from exo.shared.types.state import State
 from exo.worker.plan import (
@@ -21,6 +23,7 @@ from exo.worker.plan import (
     SpawnRunner,
     StopRunner,
     WorkerView,
+    files_gone,
     plan,
 )
 from tests.factories import INSTANCES, NODES, TASKS, indexed, instance, runner_of, task
@@ -118,3 +121,36 @@ def test_prunes_the_files_of_models_the_cluster_removed() -> None:
         ModelAdded(card=hub), ModelRemoved(model_id=hub.model_id), ModelAdded(card=hub)
     )
     assert plan(again, view) == []
+
+
+def test_files_gone_are_hub_models_this_node_reported_and_no_longer_holds() -> None:
+    hub = SMOLLM2_135M_INSTRUCT.model_copy(
+        update={"model_id": ModelId("org/chat"), "source": f"hf:org/chat@{'a' * 40}"}
+    )
+    builtin = SMOLLM2_135M_INSTRUCT.model_id
+
+    def progress(node: NodeId, model: ModelId, complete: bool = True) -> ModelStoreProgress:
+        return ModelStoreProgress(
+            node_id=node, model_id=model, done_bytes=1, total_bytes=1, complete=complete
+        )
+
+    state = state_of(
+        ModelAdded(card=hub),
+        progress(ME, hub.model_id),
+        progress(OTHER, hub.model_id),
+        # The built-in model is converted, never fetched from a peer: not a hub model.
+        progress(ME, builtin),
+    )
+    assert files_gone(state, ME, frozenset({hub.model_id})) == []
+    assert files_gone(state, ME, frozenset()) == [hub.model_id]
+    assert files_gone(state, OTHER, frozenset()) == [hub.model_id]
+    # A download this node had begun counts too (its parts are what `stored` lists).
+    partial = state_of(ModelAdded(card=hub), progress(ME, hub.model_id, complete=False))
+    assert files_gone(partial, ME, frozenset()) == [hub.model_id]
+    # Once reported, the state no longer counts it.
+    reported = state_of(
+        ModelAdded(card=hub),
+        progress(ME, hub.model_id),
+        ModelFilesRemoved(node_id=ME, model_id=hub.model_id),
+    )
+    assert files_gone(reported, ME, frozenset()) == []

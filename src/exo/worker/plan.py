@@ -162,3 +162,14 @@ def plan(state: State, view: WorkerView) -> list[Action]:
         if model_id in state.removed_models and model_id not in state.models:
             actions.append(PruneModel(model_id=model_id))
     return actions
+
+
+def files_gone(state: State, node_id: NodeId, stored: frozenset[ModelId]) -> list[ModelId]:
+    """Hub models the state counts this node as holding files of (its own progress reports)
+    while its store holds none: removed while the daemon was down. Peers would otherwise keep
+    asking it for them."""
+    return sorted(
+        p.model_id
+        for p in state.model_progress.values()
+        if p.node_id == node_id and p.model_id in state.models and p.model_id not in stored
+    )

@@ -31,6 +31,7 @@ from exo.worker.plan import (
     SpawnRunner,
     StopRunner,
     WorkerView,
+    files_gone,
     plan,
 )
 from exo.worker.supervisor import RunnerSupervisor, StageLink
@@ -108,6 +109,9 @@ class Worker:
 
     async def run(self) -> None:
         self._stored = set(await anyio.to_thread.run_sync(self._models.hub_models))
+        for model_id in files_gone(self._replica.state, self._node_id, frozenset(self._stored)):
+            logger.info(f"the files of {model_id} left the store while this node was down")
+            await self._emitter.emit(ModelFilesRemoved(node_id=self._node_id, model_id=model_id))
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._poke_on_state_change)
             try:

@@ -117,8 +117,9 @@ class ModelStoreProgress(Frozen):
 
 
 class ModelFilesRemoved(Frozen):
-    """A node removed a hub model's files from its store (the least recently used, to keep
-    the store within its size limit): it holds no copy of the model now."""
+    """A hub model's files left a node's store (removed as the least recently used, to keep
+    the store within its size limit, or found gone when the node started): it holds no copy
+    of the model now."""
 
     kind: Literal["model_files_removed"] = "model_files_removed"
     node_id: NodeId
