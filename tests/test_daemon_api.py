@@ -54,6 +54,21 @@ def test_chat_places_the_model_on_demand_and_answers(daemon: Daemon) -> None:
     assert reply.usage.prompt_tokens > 0
 
 
+def _maps_torch(pid: int) -> bool:
+    return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_torch_stays_in_the_runners(daemon: Daemon) -> None:
+    # Importing torch costs a start ~4 s and a process ~0.5 GB: the daemon measures and
+    # serves without it, and only the runners (the torch engine) load it.
+    client(daemon).chat.completions.create(
+        model=BUILTIN, messages=PROMPT, max_tokens=2, temperature=0.0
+    )
+    runners = daemon.runner_pids()
+    assert runners and all(_maps_torch(pid) for pid in runners)
+    assert daemon.process is not None and not _maps_torch(daemon.process.pid)
+
+
 def test_streaming_matches_non_streaming_greedy(daemon: Daemon) -> None:
     c = client(daemon)
     whole = c.chat.completions.create(
