@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.daemon import Daemon
 
-from exo.worker.engines.torch.compiled import measure_compiled_steady_state
+from exo.worker.engines.torch.compile_env import measure_compiled_steady_state
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."

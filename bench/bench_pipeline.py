@@ -40,7 +40,7 @@ from exo.shared.types.placement import ManualStage, Placement, PlacementRequest
 from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
 from exo.shared.types.topology import ClusterView, DeviceId, DeviceProfile, LinkProfile
 from exo.worker.cores import cpu_cores, cpu_share
-from exo.worker.engines.torch.compiled import measure_compiled_steady_state
+from exo.worker.engines.torch.compile_env import measure_compiled_steady_state
 from exo.worker.pipeline.frames import FrameFlag, FrameKind, encode_array, encode_token
 from exo.worker.pipeline.links import (
     LinkLost,

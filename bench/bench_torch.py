@@ -114,7 +114,7 @@ def main() -> None:
             "smollm2-135m-instruct"
         )
     n: int = args.tokens
-    from exo.worker.engines.torch.compiled import measure_compiled_steady_state
+    from exo.worker.engines.torch.compile_env import measure_compiled_steady_state
 
     measure_compiled_steady_state()
 

@@ -47,7 +47,7 @@ from exo.shared.types.ids import NodeId, TaskId
 from exo.shared.types.placement import EngineEfficiency, Placement, PlacementRequest
 from exo.shared.types.topology import ClusterView, DeviceId, DeviceProfile
 from exo.worker.engines.base import ChatTokenizer, Engine, ShardSpec, load_engine, warm_up
-from exo.worker.engines.torch.compiled import measure_compiled_steady_state
+from exo.worker.engines.torch.compile_env import measure_compiled_steady_state
 from exo.worker.generate import generate
 from exo.worker.telemetry.profiler import cpu_bandwidth, cpu_compute
 

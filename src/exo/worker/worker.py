@@ -109,9 +109,7 @@ class Worker:
 
     async def run(self) -> None:
         self._stored = set(await anyio.to_thread.run_sync(self._models.hub_models))
-        for model_id in files_gone(self._replica.state, self._node_id, frozenset(self._stored)):
-            logger.info(f"the files of {model_id} left the store while this node was down")
-            await self._emitter.emit(ModelFilesRemoved(node_id=self._node_id, model_id=model_id))
+        await self._report_files_gone("left the store while this node was down")
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._poke_on_state_change)
             try:
@@ -215,6 +213,14 @@ class Worker:
             raise
         return link
 
+    async def _report_files_gone(self, how: str) -> None:
+        """`ModelFilesRemoved` for each hub model the state counts this node as holding
+        files of while its store holds none. One already reported and not yet applied is
+        reported again, which `apply` takes as a no-op."""
+        for model_id in files_gone(self._replica.state, self._node_id, frozenset(self._stored)):
+            logger.info(f"the files of {model_id} {how}")
+            await self._emitter.emit(ModelFilesRemoved(node_id=self._node_id, model_id=model_id))
+
     async def _prune(self, model_id: ModelId) -> None:
         try:
             async with self._prepare_lock:
@@ -253,13 +259,10 @@ class Worker:
                         self._models.ensure, model_id, on_progress, layers
                     )
                 finally:
+                    # Even a failed download may have left files (resumed later, or
+                    # pruned). A prune cannot run meanwhile: it takes the same lock.
                     held = await anyio.to_thread.run_sync(self._models.hub_models)
-                    # Even a failed download may have left files (resumed later, or pruned).
-                    if model_id in held:
-                        self._stored.add(model_id)
-                    # What the store removed to stay within its size limit: peers stop
-                    # counting this node as a source of it.
-                    for gone in sorted(self._stored - held.keys() - self._pruning):
-                        self._stored.discard(gone)
-                        removed = ModelFilesRemoved(node_id=self._node_id, model_id=gone)
-                        await self._emitter.emit(removed)
+                    self._stored = set(held)
+                    # What the store removed to stay within its size limit (or someone
+                    # deleted): peers stop counting this node as a source of it.
+                    await self._report_files_gone("are gone from the store")

@@ -29,7 +29,6 @@ compiles every bucket at load. Any failure to compile (no C++ compiler, an induc
 falls back to eager for good.
 """
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -41,8 +40,6 @@ from torch import Tensor
 from exo.worker.engines.torch.cache import KVCache, RequestBatch, attend_one_new
 from exo.worker.engines.torch.llama import LlamaStage, Rope, TransformerBlock
 
-# "0" turns compiled decode off (eager only); "all" compiles every bucket at load.
-COMPILE_ENV = "EXO_TORCH_COMPILE"
 # Batch sizes with a graph of their own: a batch runs in the smallest that holds it, larger
 # ones in chunks of the largest. With our matmul a block of weights is read once for every
 # chunk of 4 rows (from cache after the first), so 8 rows in one graph beat two steps of 4
@@ -61,23 +58,6 @@ _RECOMPILE_LIMIT = 4 * len(BUCKETS)
 # waiting for an idle moment and compiles that bucket between two steps (at ~25 ms an
 # eager step of 4 rows here: ~10 s of sustained batching).
 _DEMAND_STEPS = 400
-
-
-def compile_wanted(device: torch.device) -> bool:
-    """On CPU unless $EXO_TORCH_COMPILE=0 (CUDA replays graphs instead: graphs.py)."""
-    return device.type == "cpu" and os.environ.get(COMPILE_ENV, "1").strip() != "0"
-
-
-def compile_all_at_load() -> bool:
-    """$EXO_TORCH_COMPILE=all: every bucket before the stage reports ready."""
-    return os.environ.get(COMPILE_ENV, "").strip() == "all"
-
-
-def measure_compiled_steady_state() -> None:
-    """For benches: torch stages loaded from now on, in this process or its children, compile
-    every bucket at load (unless $EXO_TORCH_COMPILE says otherwise), so that no measurement
-    meets an eager batch or a compile under way in idle time."""
-    os.environ.setdefault(COMPILE_ENV, "all")
 
 
 def _layer(
@@ -129,7 +109,8 @@ class CompiledDecoder:
         self.failed = False
         # Buckets with a graph at every thread count. A step only ever runs a graph of one
         # of these, under "eager_on_recompile": a step that would need another graph runs
-        # eagerly instead of stalling every request for the compiler.
+        # eagerly instead of stalling every request for the compiler. Kept, not derived
+        # from `_compiled`: every step reads it, and deriving it costs ~5 us a read here.
         self.ready: set[int] = set()
         # (bucket, thread count) graphs compiled so far, and eager steps per missing bucket.
         self._compiled: set[tuple[int, int]] = set()

@@ -21,11 +21,8 @@ from torch import Tensor
 from exo.shared.types.chat import SamplingParams
 from exo.worker.engines.base import ProgressCallback, ShardSpec
 from exo.worker.engines.torch.cache import KVCache, RequestBatch, SlotCache
-from exo.worker.engines.torch.compiled import (
-    CompiledDecoder,
-    compile_all_at_load,
-    compile_wanted,
-)
+from exo.worker.engines.torch.compile_env import compile_all_at_load, compile_wanted
+from exo.worker.engines.torch.compiled import CompiledDecoder
 from exo.worker.engines.torch.device import Placement, choose_placement, release_scratch_memory
 from exo.worker.engines.torch.graphs import SlotDecoder
 from exo.worker.engines.torch.llama import LlamaStage, load_stage
