@@ -190,6 +190,14 @@ def create_app(
             response = error.response()
             response.headers["Allow"] = methods
             return response
+        if exc.status_code == 405 or (exc.status_code == 404 and request.method != "GET"):
+            # No route takes the path; the dashboard's files refused the method.
+            return ApiError(
+                404,
+                f"There is no {request.method} {request.url.path}; GET /docs lists the API"
+                " (chat completions: POST /v1/chat/completions).",
+                code="not_found",
+            ).response()
         code = "not_found" if exc.status_code == 404 else None
         return ApiError(exc.status_code, str(exc.detail), code=code).response()
 
