@@ -9,6 +9,7 @@ import anyio
 from exo.shared.types.events import DeviceInventoryReported, DeviceMetricsReported, Event
 from exo.shared.types.ids import NodeId
 from exo.shared.types.telemetry import DeviceMetrics, DeviceSpec
+from exo.worker.engines.choice import this_machines_engine
 from exo.worker.telemetry.cli import devices_main, render_table
 from exo.worker.telemetry.inventory import UNKNOWN, CpuSource, Inventory
 from exo.worker.telemetry.loop import Telemetry
@@ -151,6 +152,10 @@ def test_exo_devices_json() -> None:
             assert d[figure]["source"] in ("spec_table", "measured")
             assert d[figure]["value"] > 0 and d[figure]["detail"]
         assert d["metrics"]["status"] == "ok"
+    # Rated for the engine the daemon runs here, as the daemon rates it.
+    (cpu,) = [d for d in doc["devices"] if d["kind"] == "cpu"]
+    rater = "mlx" if this_machines_engine() == "mlx" else "numpy"
+    assert cpu["compute"]["detail"].startswith(f"{rater} f32 matmul")
 
 
 def test_table_rendering() -> None:

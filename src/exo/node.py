@@ -6,11 +6,9 @@ and everything reads the committed state from it. On a single machine the node f
 one-node cluster and is its master; with peers it joins theirs.
 """
 
-import platform
 import random
 import signal
 import socket
-import sys
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -63,7 +61,7 @@ from exo.shared.types.instances import EngineName
 from exo.shared.types.models import ModelCard
 from exo.shared.types.state import State
 from exo.shared.types.stream import StreamMessage
-from exo.worker.engines.choice import default_engine
+from exo.worker.engines.choice import this_machines_engine
 from exo.worker.pipeline.links import advertised_host
 from exo.worker.telemetry.link_loop import LinkProber
 from exo.worker.telemetry.loop import node_telemetry
@@ -478,5 +476,4 @@ def model_sources(
 def _default_engine(flag: str | None) -> EngineName:
     if flag == "torch" or flag == "mlx":
         return flag
-    # An NVIDIA driver exposes /dev/nvidiactl; no need to import torch to find out.
-    return default_engine(sys.platform, Path("/dev/nvidiactl").exists(), platform.machine())
+    return this_machines_engine()

@@ -1,5 +1,9 @@
 """Which engine a node runs by default: MLX on Apple silicon, torch everywhere else."""
 
+import platform
+import sys
+from pathlib import Path
+
 from exo.shared.types.instances import EngineName
 
 
@@ -14,3 +18,9 @@ def default_engine(platform: str, has_cuda: bool, machine: str = "arm64") -> Eng
     if platform == "darwin" and machine == "arm64":
         return "mlx"
     return "torch"
+
+
+def this_machines_engine() -> EngineName:
+    """`default_engine` for this machine. An NVIDIA driver exposes /dev/nvidiactl: no need to
+    import torch to find out."""
+    return default_engine(sys.platform, Path("/dev/nvidiactl").exists(), platform.machine())

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from exo.shared.types.telemetry import DeviceMetrics, DeviceSpec, PerfFigure
+from exo.worker.engines.choice import this_machines_engine
 from exo.worker.telemetry.inventory import Inventory, default_sources
 from exo.worker.telemetry.profiler import EngineBenchmark
 
@@ -24,8 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--engine",
         choices=["mlx", "torch"],
-        default="mlx",
-        help="engine whose CPU matmul rates the CPU (default %(default)s)",
+        default=None,
+        help="engine the CPU is rated for: mlx with MLX's matmul, torch with numpy's (which"
+        " torch's matches); default: the one the node runs here, as `exo` picks it",
     )
     return p
 
@@ -85,7 +87,11 @@ def render_table(devices: tuple[DeviceSpec, ...], metrics: dict[str, DeviceMetri
 
 def devices_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    inventory = Inventory(default_sources(), EngineBenchmark(args.engine), profile=args.profile)
+    inventory = Inventory(
+        default_sources(),
+        EngineBenchmark(args.engine or this_machines_engine()),
+        profile=args.profile,
+    )
     try:
         devices = inventory.probe()
         metrics = inventory.sample()
