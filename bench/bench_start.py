@@ -29,7 +29,7 @@ MODEL = "smollm2-135m-instruct"
 PROMPT = "Name three colours."
 
 _REFERENCE = """
-import sys, time
+import sys
 from mlx_lm import load, stream_generate
 model, tokenizer = load(sys.argv[1])
 prompt = tokenizer.apply_chat_template(

@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import psutil
 
+from exo.worker.engines.torch.compile_env import COMPILE_ENV
+
 _handed_out: set[int] = set()
 
 
@@ -52,7 +54,7 @@ def free_port() -> int:
 # tests/test_daemon_api.py and tests/test_daemon_pipeline.py (their daemons),
 # tests/test_pipeline_chain.py and tests/test_runner_process.py (runner processes), and
 # tests/test_torch_engine.py.
-EAGER = {"EXO_TORCH_COMPILE": "0"}
+EAGER = {COMPILE_ENV: "0"}
 
 
 class Daemon:

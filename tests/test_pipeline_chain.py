@@ -25,6 +25,7 @@ from exo.worker.pipeline.frames import (
 from exo.worker.runner.protocol import Cancel, StageJoined, StageLeft
 from exo.worker.supervisor import cpu_sharing_env
 from tests.conftest import BUILTIN
+from tests.daemon import EAGER
 from tests.factories import chat_params
 from tests.pipeline_chain import OWNER, Chain
 
@@ -36,10 +37,9 @@ Stages = list[tuple[EngineName, int, int]]
 # The mixed chain's torch stage computes in float32 with exactly dequantized weights: the
 # int4 kernel's bf16 scales would leave MLX's greedy path at a near tie (docs/pipeline.md).
 MIXED_ENV = {"EXO_TORCH_WEIGHTS": "float32"}
-# The 3-stage torch chain steps eagerly: the 2-stage chain and the core-sharing one check
-# compiled stages against the single stage already, and a pipeline stage compiles all its
-# graphs at load (~15-20 s a stage here).
-EAGER_ENV = {"EXO_TORCH_COMPILE": "0"}
+# The 3-stage torch chain steps eagerly (`EAGER`): the 2-stage chain and the core-sharing
+# one check compiled stages against the single stage already, and a pipeline stage compiles
+# all its graphs at load (~15-20 s a stage here).
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def reference(
         ("mlx", [("mlx", 0, 15), ("mlx", 15, 30)], None),
         ("mlx", [("mlx", 0, 7), ("mlx", 7, 19), ("mlx", 19, 30)], None),
         ("torch", [("torch", 0, 15), ("torch", 15, 30)], None),
-        ("torch", [("torch", 0, 10), ("torch", 10, 20), ("torch", 20, 30)], EAGER_ENV),
+        ("torch", [("torch", 0, 10), ("torch", 10, 20), ("torch", 20, 30)], EAGER),
         ("mlx", [("mlx", 0, 10), ("torch", 10, 20), ("mlx", 20, 30)], MIXED_ENV),
     ],
     ids=["mlx-2", "mlx-3", "torch-2", "torch-3", "mlx-torch-mlx"],

@@ -166,8 +166,8 @@ def plan(state: State, view: WorkerView) -> list[Action]:
 
 def files_gone(state: State, node_id: NodeId, stored: frozenset[ModelId]) -> list[ModelId]:
     """Hub models the state counts this node as holding files of (its own progress reports)
-    while its store holds none: removed while the daemon was down. Peers would otherwise keep
-    asking it for them."""
+    while its store holds none: removed while the daemon was down, by the store's size limit,
+    or by hand. Peers would otherwise keep asking it for them."""
     return sorted(
         p.model_id
         for p in state.model_progress.values()

@@ -70,20 +70,23 @@ def cpu_compute(engine: str, n: int = 512, reps: int = 3) -> tuple[float, str]:
     only for this would cost every start ~4 s and the daemon ~0.5 GB for its whole life,
     so torch (and a node without mlx) is measured with numpy."""
     flops = 2.0 * n**3
-    if engine == "mlx":
-        try:
-            import mlx.core as mx
-        except ImportError:
-            pass
-        else:
-            with mx.stream(mx.cpu):
-                m = mx.ones((n, n), dtype=mx.float32)
-                _mx_eval(m)
-                seconds = _best_seconds(lambda: _mx_eval(m @ m), reps)
-            return flops / seconds, f"mlx f32 matmul {n}x{n} on cpu, best of {reps}"
+    if engine == "mlx" and (mlx_seconds := _mlx_cpu_matmul_seconds(n, reps)) is not None:
+        return flops / mlx_seconds, f"mlx f32 matmul {n}x{n} on cpu, best of {reps}"
     x = np.ones((n, n), dtype=np.float32)
     seconds = _best_seconds(lambda: x @ x, reps)
     return flops / seconds, f"numpy f32 matmul {n}x{n}, best of {reps}"
+
+
+def _mlx_cpu_matmul_seconds(n: int, reps: int) -> float | None:
+    """None where mlx is not installed."""
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return None
+    with mx.stream(mx.cpu):
+        m = mx.ones((n, n), dtype=mx.float32)
+        _mx_eval(m)
+        return _best_seconds(lambda: _mx_eval(m @ m), reps)
 
 
 def metal_figures(n_bytes: int = 256 << 20, n: int = 4096, reps: int = 5) -> Measurement:
