@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from exo.worker.engines.torch.compile_env import SAVED_GRAPHS_ENV
 from tests.daemon import Daemon, start_cluster
 from tests.fake_hub import FakeRepo
 
@@ -25,6 +26,9 @@ os.environ.setdefault(
     "TORCHINDUCTOR_CACHE_DIR",
     str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"),
 )
+# Runners load saved decode steps but start no background saver (minutes of a core and ~1 GB
+# each, beside every compiled daemon of the suite); tests/test_saved_graphs.py runs savers.
+os.environ.setdefault(SAVED_GRAPHS_ENV, "load")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import pytest
 from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
 from exo.shared.types.ids import TaskId
 from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
+from exo.worker.engines.torch.compile_env import SAVED_GRAPHS_ENV
 from exo.worker.runner.protocol import (
     FROM_RUNNER,
     Cancel,
@@ -242,12 +243,15 @@ def test_a_torch_runner_compiles_while_idle_and_stops_at_once_when_told(
     interruptible) ends the runner at once instead of waiting to be killed."""
     log = tmp_path / "runner.stderr"
     with log.open("wb") as stderr:
-        process = RunnerProcess(stderr, {"EXO_RUNNER_LOG_LEVEL": "DEBUG"})
+        # Compiling, not loading what an earlier start saved (test_saved_graphs.py).
+        env = {"EXO_RUNNER_LOG_LEVEL": "DEBUG", SAVED_GRAPHS_ENV: "0"}
+        process = RunnerProcess(stderr, env)
         try:
             process.send(torch_load(model_dir))
             assert process.statuses_until("ready", "failed")[-1] == "ready"
             text = log.read_text()
-            assert "compiled decode steps of batches of 1 in" in text, text[-2000:]
+            assert "decode steps of batches of 1 ready in" in text, text[-2000:]
+            assert "(compiled)" in text, text[-2000:]
             assert "batches of 2, 4, 8 compile when idle" in text, text[-2000:]
             deadline = time.monotonic() + TIMEOUT_S
             while "compiling the decode step of batches of 2" not in log.read_text():

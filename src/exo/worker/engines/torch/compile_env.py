@@ -1,4 +1,5 @@
-"""`$EXO_TORCH_COMPILE`, read without importing torch: benches of MLX runs set it too."""
+"""`$EXO_TORCH_COMPILE` and `$EXO_TORCH_SAVED_GRAPHS`, read without importing torch: benches
+of MLX runs and the test suite set them too."""
 
 import os
 from typing import TYPE_CHECKING
@@ -8,6 +9,9 @@ if TYPE_CHECKING:
 
 # "0" turns compiled decode off (eager only); "all" compiles every bucket at load.
 COMPILE_ENV = "EXO_TORCH_COMPILE"
+# "0" neither loads saved graphs nor saves them; "load" loads but starts no saver
+# (saved_graphs.py).
+SAVED_GRAPHS_ENV = "EXO_TORCH_SAVED_GRAPHS"
 
 
 def compile_wanted(device: "torch.device") -> bool:
@@ -25,3 +29,11 @@ def measure_compiled_steady_state() -> None:
     every bucket at load (unless $EXO_TORCH_COMPILE says otherwise), so that no measurement
     meets an eager batch or a compile under way in idle time."""
     os.environ.setdefault(COMPILE_ENV, "all")
+
+
+def saved_graphs_mode() -> str:
+    """One of "off", "load" or "save" (load and save), from $EXO_TORCH_SAVED_GRAPHS."""
+    value = os.environ.get(SAVED_GRAPHS_ENV, "").strip().lower()
+    if value == "0":
+        return "off"
+    return "load" if value == "load" else "save"

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from exo.worker.engines.torch.cache import KVCache, RequestBatch, attend_one_new
 from exo.worker.engines.torch.llama import LlamaStage, Rope, TransformerBlock
+from exo.worker.engines.torch.saved_graphs import Graph, SavedGraphs
 
 # Batch sizes with a graph of their own: a batch runs in the smallest that holds it, larger
 # ones in chunks of the largest. With our matmul a block of weights is read once for every
@@ -101,11 +102,17 @@ def _decode_step(
 class CompiledDecoder:
     """One-token steps (x [B, 1] ids or [B, 1, D] hidden) of a stage, compiled."""
 
-    def __init__(self, stage: LlamaStage, threads: Sequence[int] = ()) -> None:
+    def __init__(
+        self, stage: LlamaStage, threads: Sequence[int] = (), saved: SavedGraphs | None = None
+    ) -> None:
         """`threads`: the thread counts steps will run at (each gets its graphs); the
-        current count when empty."""
+        current count when empty. `saved`: where graphs saved by an earlier start are
+        loaded from, instead of compiling them (saved_graphs.py)."""
         self.stage = stage
         self._threads = tuple(threads)
+        self._saved = saved
+        # (bucket, thread count) -> a graph loaded from `saved`; the rest go through dynamo.
+        self.loaded: dict[tuple[int, int], Graph] = {}
         self.failed = False
         # Buckets with a graph at every thread count. A step only ever runs a graph of one
         # of these, under "eager_on_recompile": a step that would need another graph runs
@@ -163,6 +170,12 @@ class CompiledDecoder:
                     for i in range(0, x.shape[0], chunk)
                 ]
                 out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            except _SavedGraphRefused as refused:
+                # Nothing advanced yet: this step runs eagerly, the graph is gone for good.
+                logger.opt(exception=True).warning(
+                    f"a saved decode step failed; deleting it ({refused.key})"
+                )
+                self._forget(refused.key)
             except Exception:  # any failure to compile means: run eagerly
                 # Nothing advanced yet: the eager step rewrites the same cache positions.
                 logger.opt(exception=True).warning("compiled decode failed; decoding eagerly")
@@ -204,15 +217,30 @@ class CompiledDecoder:
             positions = torch.cat([positions, positions[:1].expand(pad, 1)])
             caches = [*caches, *self._scratch[:pad]]
             starts = [*starts, *[_SCRATCH_START] * pad]
-        rope = Rope.at(positions, self.stage.inv_freq, self.stage.activation_dtype)
-        layers = range(len(self.stage.layers))
-        keys = [[cache.keys[i] for cache in caches] for i in layers]
-        values = [[cache.values[i] for cache in caches] for i in layers]
+        args = _step_args(self.stage, x, caches, starts, positions)
+        key = (bucket, torch.get_num_threads())
+        graph = None if compiling else self.loaded.get(key)
+        if graph is not None:
+            try:
+                out = graph(*args)
+            except Exception as exc:
+                raise _SavedGraphRefused(key) from exc
+            return out[:rows] if pad else out
         # Compiling only when asked to; a step that would need a new graph runs eagerly.
         stance = "default" if compiling else "eager_on_recompile"
         with torch.compiler.set_stance(stance):
-            out = self._step(self.stage, x, rope.cos, rope.sin, keys, values, starts)
+            out = self._step(*args)
         return out[:rows] if pad else out
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        """Drop a loaded graph that failed a step (and its file): its bucket runs eagerly
+        until compiled again (idle time, or sustained demand)."""
+        bucket, threads = key
+        self.loaded.pop(key, None)
+        self._compiled.discard(key)
+        self.ready.discard(bucket)
+        if self._saved is not None:
+            self._saved.discard(bucket, threads)
 
     def prepare(self, every_bucket: bool = False) -> None:
         """Compile the steps of one request (or of every bucket) at every thread count
@@ -228,14 +256,22 @@ class CompiledDecoder:
             self._loading = False
         if self.failed:
             return
+        if self._saved is not None:
+            self._saved.save_in_background(self.wanted)
         counts = self.thread_counts
         for_counts = f" for {len(counts)} thread counts" if len(counts) > 1 else ""
         rest = sorted(set(BUCKETS) - self.ready)
         later = f"; batches of {', '.join(map(str, rest))} compile when idle" if rest else ""
+        how = f"{len(self.loaded)} of {len(self._compiled)} loaded as saved" if self.loaded else ""
         logger.info(
-            f"compiled decode steps of batches of {', '.join(map(str, sorted(self.ready)))}"
-            f"{for_counts} in {time.perf_counter() - started:.1f} s{later}"
+            f"decode steps of batches of {', '.join(map(str, sorted(self.ready)))}{for_counts}"
+            f" ready in {time.perf_counter() - started:.1f} s ({how or 'compiled'}){later}"
         )
+
+    @property
+    def wanted(self) -> list[tuple[int, int]]:
+        """Every (bucket, thread count) graph this decoder may use."""
+        return [(b, t) for b in BUCKETS for t in self.thread_counts]
 
     def compile_next(self, bucket: int | None = None) -> bool:
         """Compile one more graph (the smallest missing bucket, or `bucket`, at the next
@@ -255,9 +291,13 @@ class CompiledDecoder:
         logger.debug(f"compiling the decode step of batches of {b} at {threads} threads")
         started = time.perf_counter()
         current = torch.get_num_threads()
+        graph = self._saved.load(b, threads) if self._saved is not None else None
         try:
             torch.set_num_threads(threads)
-            self._compile_bucket(b)
+            if graph is not None:
+                self.loaded[(b, threads)] = graph
+            else:
+                self._compile_bucket(b)
         except Exception:
             logger.opt(exception=True).warning("compiling decode failed; decoding eagerly")
             self.failed = True
@@ -269,26 +309,61 @@ class CompiledDecoder:
             self.ready.add(b)
             self._demand.pop(b, None)
         if not self._loading:  # the load logs one summary
+            how = "loaded the saved" if graph is not None else "compiled the"
             logger.info(
-                f"compiled the decode step of batches of {b} at {threads} threads"
+                f"{how} decode step of batches of {b} at {threads} threads"
                 f" in {time.perf_counter() - started:.1f} s"
             )
         return len(missing) > 1
 
     def _compile_bucket(self, bucket: int) -> None:
-        stage = self.stage
         # The config module gets `patch` at import time: untyped.
         config: Any = torch.compiler.config
         with torch.no_grad(), config.patch(dynamic_sources=_DYNAMIC_SOURCES):
-            if stage.is_first:
-                x = torch.zeros((bucket, 1), dtype=torch.int64, device=stage.device)
-            else:
-                shape = (bucket, 1, stage.args.hidden_size)
-                x = torch.zeros(shape, dtype=stage.activation_dtype, device=stage.device)
-            caches = [stage.new_cache(4 * _SCRATCH_CAPACITY) for _ in range(bucket)]
-            starts = [_SCRATCH_START + b for b in range(bucket)]
-            positions = torch.tensor(starts, device=stage.device)[:, None]
+            x, caches, starts, positions = _example(self.stage, bucket)
             self._run(x, caches, starts, positions, compiling=True)
+
+
+class _SavedGraphRefused(Exception):
+    """A loaded graph raised in a step (its guards refused the call, or it failed)."""
+
+    def __init__(self, key: tuple[int, int]) -> None:
+        super().__init__(f"batches of {key[0]} at {key[1]} threads")
+        self.key = key
+
+
+def _example(stage: LlamaStage, bucket: int) -> tuple[Tensor, list[KVCache], list[int], Tensor]:
+    """A bucket's inputs to compile with: (x, caches, starts, positions)."""
+    if stage.is_first:
+        x = torch.zeros((bucket, 1), dtype=torch.int64, device=stage.device)
+    else:
+        shape = (bucket, 1, stage.args.hidden_size)
+        x = torch.zeros(shape, dtype=stage.activation_dtype, device=stage.device)
+    caches = [stage.new_cache(4 * _SCRATCH_CAPACITY) for _ in range(bucket)]
+    starts = [_SCRATCH_START + b for b in range(bucket)]
+    positions = torch.tensor(starts, device=stage.device)[:, None]
+    return x, caches, starts, positions
+
+
+def _step_args(
+    stage: LlamaStage, x: Tensor, caches: Sequence[KVCache], starts: list[int], positions: Tensor
+) -> tuple[LlamaStage, Tensor, Tensor, Tensor, list[list[Tensor]], list[list[Tensor]], list[int]]:
+    """`_decode_step`'s arguments for a batch of rows."""
+    rope = Rope.at(positions, stage.inv_freq, stage.activation_dtype)
+    layers = range(len(stage.layers))
+    keys = [[cache.keys[i] for cache in caches] for i in layers]
+    values = [[cache.values[i] for cache in caches] for i in layers]
+    return (stage, x, rope.cos, rope.sin, keys, values, starts)
+
+
+def aot_compile_step(stage: LlamaStage, bucket: int) -> Any:
+    """The bucket's decode step at torch's current thread count, compiled ahead of time
+    (the same graph `CompiledDecoder` compiles, as `aot_compile` returns it: it saves)."""
+    config: Any = torch.compiler.config
+    with torch.no_grad(), config.patch(dynamic_sources=_DYNAMIC_SOURCES):
+        args = _step_args(stage, *_example(stage, bucket))
+        step: Any = torch.compile(_decode_step, fullgraph=True, options={"cpp.threads": 1})
+        return step.aot_compile((args, {}))
 
 
 def _bucket(rows: int) -> int:

@@ -21,12 +21,17 @@ from torch import Tensor
 from exo.shared.types.chat import SamplingParams
 from exo.worker.engines.base import ProgressCallback, ShardSpec
 from exo.worker.engines.torch.cache import KVCache, RequestBatch, SlotCache
-from exo.worker.engines.torch.compile_env import compile_all_at_load, compile_wanted
+from exo.worker.engines.torch.compile_env import (
+    compile_all_at_load,
+    compile_wanted,
+    saved_graphs_mode,
+)
 from exo.worker.engines.torch.compiled import CompiledDecoder
 from exo.worker.engines.torch.device import Placement, choose_placement, release_scratch_memory
 from exo.worker.engines.torch.graphs import SlotDecoder
 from exo.worker.engines.torch.llama import LlamaStage, load_stage
 from exo.worker.engines.torch.quant import WeightFormat
+from exo.worker.engines.torch.saved_graphs import GraphRecipe, SavedGraphs
 
 
 @dataclass
@@ -104,7 +109,10 @@ class TorchEngine:
         engine = cls(stage, shard, placement)
         # The fast CPU format only: the dense formats are references and stay eager.
         if placement.weights == "int4" and compile_wanted(placement.device):
-            engine.decoder = CompiledDecoder(stage, placement.threads)
+            saved = None
+            if saved_graphs_mode() != "off":
+                saved = SavedGraphs(GraphRecipe.of(model_dir, shard, placement.weights))
+            engine.decoder = CompiledDecoder(stage, placement.threads, saved)
             # A pipeline stage compiles everything now: a compile while it idles would stall
             # the requests the other stages admit meanwhile (a cold one, over a minute here,
             # past the step timeout that fails them).
