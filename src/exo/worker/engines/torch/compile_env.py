@@ -27,8 +27,10 @@ def compile_all_at_load() -> bool:
 def measure_compiled_steady_state() -> None:
     """For benches: torch stages loaded from now on, in this process or its children, compile
     every bucket at load (unless $EXO_TORCH_COMPILE says otherwise), so that no measurement
-    meets an eager batch or a compile under way in idle time."""
+    meets an eager batch or a compile under way in idle time; they load saved steps but
+    start no saver (minutes of idle CPU beside the measurement)."""
     os.environ.setdefault(COMPILE_ENV, "all")
+    os.environ.setdefault(SAVED_GRAPHS_ENV, "load")
 
 
 def saved_graphs_mode() -> str:
