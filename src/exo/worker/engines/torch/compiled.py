@@ -26,7 +26,9 @@ while four steps of the one-row graph would cost ~2.3x); a batch size that keeps
 without the runner ever idling (`_DEMAND_STEPS` eager steps) gets its graph compiled
 between two steps. A pipeline stage, and any stage with `$EXO_TORCH_COMPILE=all` (benches),
 compiles every bucket at load. Any failure to compile (no C++ compiler, an inductor bug)
-falls back to eager for good.
+falls back to eager for good. A graph that an earlier start saved is loaded instead of
+compiled (1-2 s; saved_graphs.py), and runs without dynamo's dispatch: the decoder picks
+it by bucket and thread count.
 """
 
 import time
@@ -275,7 +277,8 @@ class CompiledDecoder:
 
     def compile_next(self, bucket: int | None = None) -> bool:
         """Compile one more graph (the smallest missing bucket, or `bucket`, at the next
-        thread count that lacks it); False when nothing is left to compile."""
+        thread count that lacks it), or load it where it was saved; False when nothing is
+        left to compile."""
         if self.failed:
             return False
         missing = [
