@@ -6,8 +6,11 @@ A runner holds one engine, so this runs as one: compiling several models at seve
 counts in one process trips a dynamo bug in nested-region reuse ("Freevar has no source")
 for the models compiled after, which the test process must not inherit.
 
-Usage: python -m tests.helpers_torch_threads MODEL_DIR (a tiny Llama, int4-able); prints
-"ok" and exits 0, or fails with an AssertionError.
+With `--saved GRAPHS_DIR` it checks instead that such a stage loads both counts' graphs
+that a saver saved there (and compiles nothing), and steps through each at its count.
+
+Usage: python -m tests.helpers_torch_threads MODEL_DIR [--saved GRAPHS_DIR] (a tiny Llama,
+int4-able); prints "ok" and exits 0, or fails with an AssertionError.
 """
 
 import os
@@ -18,7 +21,9 @@ from typing import Any
 import torch
 
 from exo.worker.engines.base import ShardSpec
-from exo.worker.engines.torch import device
+from exo.worker.engines.torch import device, saved_graphs
+from exo.worker.engines.torch.compile_env import SAVED_GRAPHS_ENV
+from exo.worker.engines.torch.compiled import CompiledDecoder
 from exo.worker.engines.torch.engine import TorchEngine
 from exo.worker.runner.protocol import RUNNER_THREADS_ENV
 
@@ -71,5 +76,41 @@ def main(model_dir: Path) -> None:
     print("ok")
 
 
+def main_saved(model_dir: Path, directory: Path) -> None:
+    setattr(device, "physical_cores", lambda: 2)  # noqa: B010 (the counts below need 2)
+    setattr(saved_graphs, "default_directory", lambda: directory)  # noqa: B010
+
+    def no_compiling(self: CompiledDecoder, bucket: int) -> None:
+        raise AssertionError(f"compiled bucket {bucket} instead of loading it")
+
+    setattr(CompiledDecoder, "_compile_bucket", no_compiling)  # noqa: B010
+    os.environ[SAVED_GRAPHS_ENV] = "load"
+    os.environ[RUNNER_THREADS_ENV] = "1,2"
+    shared = TorchEngine.load(model_dir, ShardSpec(0, 3, 3), _ignore, weights="int4")
+    decoder = shared.decoder
+    assert decoder is not None and not decoder.failed, "not prepared"
+    assert set(decoder.loaded) == {(1, 1), (1, 2)}, decoder.loaded.keys()
+    calls: dict[tuple[int, int], int] = {}
+    for key, graph in list(decoder.loaded.items()):
+
+        def counted(*args: Any, key: tuple[int, int] = key, graph: Any = graph) -> Any:
+            calls[key] = calls.get(key, 0) + 1
+            return graph(*args)
+
+        decoder.loaded[key] = counted
+    outputs: list[torch.Tensor] = []
+    for alone in (False, True, False):
+        shared.use_cores(alone)
+        outputs.append(_step(shared))
+    assert calls == {(1, 1): 2, (1, 2): 1}, calls
+    shared.decoder = None
+    eager = _step(shared)
+    assert all(torch.allclose(out, eager, atol=1e-4) for out in outputs), "logits differ"
+    print("ok")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) == 4 and sys.argv[2] == "--saved":
+        main_saved(Path(sys.argv[1]), Path(sys.argv[3]))
+    else:
+        main(Path(sys.argv[1]))

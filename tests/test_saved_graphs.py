@@ -20,6 +20,7 @@ from exo.worker.engines.torch.compiled import CompiledDecoder
 from exo.worker.engines.torch.engine import TorchEngine
 from exo.worker.engines.torch.saved_graphs import GraphRecipe, SavedGraphs, save_graphs
 from tests.conftest import BUILTIN
+from tests.tiny_models import save_tiny
 
 N_LAYERS = 30
 needs_compiler = pytest.mark.skipif(
@@ -207,3 +208,37 @@ def test_a_runner_starts_a_saver_for_what_is_missing_and_it_ends_with_the_runner
     saver.stdin.close()
     assert saver.wait(timeout=120) == 0
     assert not store.path(8, 1).exists()
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_a_stage_sharing_cores_loads_a_saved_step_for_each_thread_count(tmp_path: Path) -> None:
+    """The saver saves a step per thread count (the graphs' guards hold the count); a stage
+    that switches between its share of the cores and all of them loads both and steps
+    through each at its own count (tests/helpers_torch_threads.py, a process as a runner)."""
+    save_tiny("llama", tmp_path)
+    recipe = GraphRecipe.of(tmp_path, ShardSpec(0, 3, 3), "int4")
+    directory = tmp_path / "graphs"
+    saver = subprocess.Popen(
+        [*SAVER, recipe.model_dump_json(), "1:1,1:2", str(directory)],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert saver.stderr is not None
+    err = saver.stderr.read()
+    assert saver.wait(timeout=60) == 0, err.decode(errors="replace")[-4000:]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.helpers_torch_threads",
+            str(tmp_path),
+            "--saved",
+            str(directory),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]
