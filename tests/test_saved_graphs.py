@@ -2,6 +2,7 @@
 compiled (exo.worker.engines.torch.saved_graphs)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,28 @@ def test_a_graph_that_failed_to_save_is_not_tried_again(tmp_path: Path) -> None:
     store.directory.mkdir()
     store.path(4, 2).with_suffix(".failed").write_text("Traceback ...")
     assert store.missing([(1, 2), (4, 2)]) == [(1, 2)]
+
+
+def test_what_no_start_used_for_a_month_is_pruned(tmp_path: Path) -> None:
+    store = SavedGraphs(_recipe(tmp_path), tmp_path / "graphs")
+    store.directory.mkdir()
+    day = 24 * 3600.0
+    now = time.time()
+    ages = {
+        store.path(1, 2): 40 * day,  # an old version's graph, or a deleted model's
+        store.path(2, 2): 10 * day,
+        store.path(4, 2).with_suffix(".failed"): 31 * day,
+        store.path(8, 2).with_suffix(".lock"): 2 * 3600.0,  # a killed saver's
+        store.directory / ".x.graph.123.partial": 2 * 3600.0,
+        store.path(8, 1).with_suffix(".lock"): 60.0,  # a saver at work now
+        store.directory / "notes.txt": 400 * day,  # not ours
+    }
+    for path, age in ages.items():
+        path.write_bytes(b"x")
+        os.utime(path, (now - age, now - age))
+    assert store.prune(now) == 4
+    left = {p.name for p in store.directory.iterdir()}
+    assert left == {store.path(2, 2).name, store.path(8, 1).with_suffix(".lock").name, "notes.txt"}
 
 
 def test_one_saver_at_a_time_per_graph(tmp_path: Path) -> None:

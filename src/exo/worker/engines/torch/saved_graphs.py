@@ -12,7 +12,8 @@ A file is keyed by everything its graph depends on: torch and Python, this CPU (
 writes code for its instruction set), the engine's own sources, the model's config, the
 stage's layer range and weight format, the batch size and the thread count (the graph's
 guards hold torch's thread count: a call at another count raises). The files live beside
-inductor's cache (`$TORCHINDUCTOR_CACHE_DIR/exo_graphs`, the node's cache folder).
+inductor's cache (`$TORCHINDUCTOR_CACHE_DIR/exo_graphs`, the node's cache folder); a saver
+first deletes what no start has used for 30 days.
 
 Saving costs far more than compiling: `aot_compile` bypasses AOTAutograd's cache, ~30 s
 for one request's graph and ~75 s for eight requests' on a 2-core box. So a runner never
@@ -53,6 +54,10 @@ from exo.worker.engines.torch.quant import WeightFormat
 
 _ENGINE_SOURCES = Path(__file__).parent
 _SUFFIX = ".graph"
+# Saved graphs (and failures) unused for this long are deleted by the next saver.
+_KEEP_S = 30 * 24 * 3600.0
+# A lock or partial file this old belongs to a saver that was killed.
+_LEFT_BEHIND_S = 3600.0
 
 Graph = Callable[..., Tensor]
 
@@ -162,6 +167,8 @@ class SavedGraphs:
             )
             self.discard(bucket, threads)
             return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # in use: `prune` keeps it
         logger.debug(
             f"loaded the saved decode step of batches of {bucket} at {threads} threads"
             f" in {time.perf_counter() - started:.1f} s"
@@ -183,6 +190,22 @@ class SavedGraphs:
         finally:
             with contextlib.suppress(OSError):
                 partial.unlink()
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete what no start has used for `_KEEP_S` (the graphs of an older torch or exo,
+        of a model since deleted), and what a saver that was killed left behind; returns
+        how many files went. A loaded graph's time is renewed at every load."""
+        now = time.time() if now is None else now
+        gone = 0
+        for path in self.directory.glob("*"):
+            left_behind = path.suffix in (".lock", ".partial")
+            if path.suffix not in (_SUFFIX, ".failed") and not left_behind:
+                continue
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > (_LEFT_BEHIND_S if left_behind else _KEEP_S):
+                    path.unlink()
+                    gone += 1
+        return gone
 
     @contextlib.contextmanager
     def claim(self, bucket: int, threads: int) -> Generator[bool]:
@@ -276,6 +299,9 @@ def save_graphs(recipe: GraphRecipe, wanted: Sequence[tuple[int, int]], director
             del os.environ[COMPILE_ENV]
         else:
             os.environ[COMPILE_ENV] = eager
+    pruned = store.prune()
+    if pruned:
+        logger.info(f"deleted {pruned} saved graphs no start used for 30 days")
     saved = 0
     current = torch.get_num_threads()
     for bucket, threads in todo:
