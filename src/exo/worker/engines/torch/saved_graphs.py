@@ -245,10 +245,9 @@ class SavedGraphs:
             ",".join(f"{b}:{t}" for b, t in missing),
             str(self.directory),
         ]
-        # Its stdin is a pipe this process holds: the saver ends when the pipe closes.
-        self._saver = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        # Its stdin is a pipe this process holds: the saver ends when the pipe closes. It
+        # logs to this runner's stderr (the node's log); never to its stdout (our frames).
+        self._saver = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         logger.info(
             f"saving {len(missing)} compiled decode steps for later starts"
             f" (at idle priority, pid {self._saver.pid})"
@@ -338,6 +337,12 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) != 3:
         print(main.__doc__, file=sys.stderr)
         return 2
+    logger.remove()
+    logger.add(
+        sys.stderr,
+        level=os.environ.get("EXO_RUNNER_LOG_LEVEL", "INFO"),
+        format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | graph saver - {message}",
+    )
     _lowest_priority()
     _end_with_parent()
     recipe = GraphRecipe.model_validate_json(argv[0])
