@@ -1,5 +1,5 @@
 """Logit adjustments every engine applies alike (tests/test_mlx_engine.py and
-tests/test_torch_engine.py run these on their engines)."""
+tests/test_torch_engine.py run these on their engines), and greedy decoding of a prompt."""
 
 from typing import Any
 
@@ -29,3 +29,19 @@ def greedy_picks(engine: Engine[Any, Any], adjust: dict[str, Any], steps: int) -
     request = engine.new_request(8, seed=0)
     logits = engine.from_numpy(np.array([[5.0, 4.5, 0.0, 0.0, 0.0, 0.0]], dtype=np.float32))
     return [engine.read_token(engine.sample(logits, sampling, request)) for _ in range(steps)]
+
+
+def greedy_with_logits(
+    engine: Engine[Any, Any], prompt: list[int], n: int
+) -> tuple[list[int], list[Any]]:
+    """n tokens picked greedily after `prompt`, one request, and the logits of each pick."""
+    greedy = SamplingParams(max_tokens=n, temperature=0.0, top_p=1.0)
+    request = engine.new_request(len(prompt) + n, seed=0)
+    logits = engine.forward(engine.token_input(prompt), request)
+    tokens: list[int] = []
+    every: list[Any] = []
+    for _ in range(n):
+        every.append(logits[0])
+        tokens.append(engine.read_token(engine.sample(logits, greedy, request)))
+        logits = engine.forward(engine.token_input(tokens[-1:]), request)
+    return tokens, every

@@ -21,6 +21,7 @@ from exo.worker.engines.torch.compiled import CompiledDecoder
 from exo.worker.engines.torch.engine import TorchEngine
 from exo.worker.engines.torch.saved_graphs import GraphRecipe, SavedGraphs, save_graphs
 from tests.conftest import BUILTIN
+from tests.sampling_cases import greedy_with_logits
 from tests.tiny_models import save_tiny
 
 N_LAYERS = 30
@@ -129,18 +130,6 @@ def _eager_engine(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> TorchEngi
     return engine
 
 
-def _greedy(engine: TorchEngine, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-    request = engine.new_request(len(prompt) + n, seed=0)
-    logits = engine.forward(engine.token_input(prompt), request)
-    tokens: list[int] = []
-    every: list[torch.Tensor] = []
-    for _ in range(n):
-        every.append(logits[0])
-        tokens.append(int(logits[0].argmax()))
-        logits = engine.forward(engine.token_input(tokens[-1:]), request)
-    return tokens, every
-
-
 @pytest.mark.slow
 @needs_compiler
 def test_a_saved_step_loads_instead_of_compiling_and_decodes_alike(
@@ -187,8 +176,8 @@ def test_a_saved_step_loads_instead_of_compiling_and_decodes_alike(
 
     tokenizer = ChatTokenizer.from_dir(model_dir)
     prompt = tokenizer.encode_chat([ChatMessage(role="user", content="Tell me a short story.")])
-    expected, expected_logits = _greedy(eager, prompt, 24)
-    got, got_logits = _greedy(loaded, prompt, 24)
+    expected, expected_logits = greedy_with_logits(eager, prompt, 24)
+    got, got_logits = greedy_with_logits(loaded, prompt, 24)
     assert got == expected
     assert len(calls) >= 20  # every decode step but the first, whose length is special
     # As close as a compiled step's (docs/torch_engine.md: within ~0.02 of eager here).
@@ -202,7 +191,7 @@ def test_a_saved_step_loads_instead_of_compiling_and_decodes_alike(
         raise RuntimeError("GuardManager check failed")
 
     decoder.loaded[(1, threads)] = refusing
-    again, _ = _greedy(loaded, prompt, 4)
+    again, _ = greedy_with_logits(loaded, prompt, 4)
     assert again == expected[:4]
     assert not store.path(1, threads).exists()
     assert (1, threads) not in decoder.loaded and decoder.ready == set() and not decoder.failed

@@ -37,7 +37,7 @@ from exo.worker.engines.torch.quant import (
 from exo.worker.generate import generate
 from exo.worker.runner.protocol import RUNNER_THREADS_ENV
 from tests.conftest import BUILTIN
-from tests.sampling_cases import ADJUSTMENTS, greedy_picks
+from tests.sampling_cases import ADJUSTMENTS, greedy_picks, greedy_with_logits
 from tests.tiny_models import FAMILY_CASES, assert_logits_match, save_tiny
 
 N_LAYERS = 30
@@ -358,24 +358,12 @@ def _prompt(tokenizer: ChatTokenizer, text: str) -> list[int]:
     return tokenizer.encode_chat([ChatMessage(role="user", content=text)])
 
 
-def _greedy(engine: TorchEngine, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-    request = engine.new_request(len(prompt) + n, seed=0)
-    logits = engine.forward(engine.token_input(prompt), request)
-    tokens: list[int] = []
-    all_logits: list[torch.Tensor] = []
-    for _ in range(n):
-        all_logits.append(logits[0])
-        tokens.append(engine.read_token(engine.sample(logits, GREEDY, request)))
-        logits = engine.forward(engine.token_input(tokens[-1:]), request)
-    return tokens, all_logits
-
-
 @pytest.mark.slow
 def test_float32_greedy_equals_transformers_on_the_gguf(
     exact: TorchEngine, tokenizer: ChatTokenizer, reference_tokens: dict[str, list[int]]
 ) -> None:
     for text in PROMPTS:
-        tokens, _ = _greedy(exact, _prompt(tokenizer, text), N_TOKENS)
+        tokens, _ = greedy_with_logits(exact, _prompt(tokenizer, text), N_TOKENS)
         assert tokens == reference_tokens[text], text
 
 
@@ -385,7 +373,7 @@ def test_int4_stays_on_the_reference_path_then_within_its_logit_error(
 ) -> None:
     for text in PROMPTS:
         prompt = _prompt(tokenizer, text)
-        reference, reference_logits = _greedy(exact, prompt, N_TOKENS)
+        reference, reference_logits = greedy_with_logits(exact, prompt, N_TOKENS)
         # Teacher-forced along the float32 path, so logits compare position by position.
         request = fast.new_request(len(prompt) + N_TOKENS, seed=0)
         feed = prompt
@@ -422,7 +410,7 @@ def test_two_stage_split_equals_the_full_model(
         x = [full.read_token(full.sample(expected, GREEDY, whole))]
 
 
-def _batched_greedy(
+def _batchedgreedy_with_logits(
     engine: TorchEngine, prompts: list[list[int]], n: int, join_at: dict[int, int]
 ) -> list[list[int]]:
     """Continuous batching as the runner would do it: request b is prefilled alone at step
@@ -464,7 +452,7 @@ def test_batched_greedy_equals_unbatched(
     n = 12
     # Two start together (2 rows), the others join mid-stream (3, then 4 rows).
     joins = {0: 0, 1: 0, 2: 3, 3: 7}
-    alone = [_greedy(fast, p, n)[0] for p in prompts]
+    alone = [greedy_with_logits(fast, p, n)[0] for p in prompts]
     decoder = fast.decoder
 
     def ready() -> set[int]:  # empty where nothing compiles (no C++ compiler)
@@ -472,10 +460,10 @@ def test_batched_greedy_equals_unbatched(
 
     if ready():
         assert ready() == {1}, "a load compiles the step of one request only"
-    assert _batched_greedy(fast, prompts, n, joins) == alone
+    assert _batchedgreedy_with_logits(fast, prompts, n, joins) == alone
     # Sustained demand: a bucket compiles between two steps after its second eager step.
     monkeypatch.setattr(compiled_module, "_DEMAND_STEPS", 2)
-    assert _batched_greedy(fast, prompts, n, joins) == alone
+    assert _batchedgreedy_with_logits(fast, prompts, n, joins) == alone
     if ready():
         assert ready() == {1, 2, 4}, ready()
     # Idle time: the rest, one graph a call, then nothing left.
@@ -484,7 +472,7 @@ def test_batched_greedy_equals_unbatched(
     if ready():
         assert ready() == set(BUCKETS)
     assert not fast.idle_work()
-    assert _batched_greedy(fast, prompts, n, joins) == alone
+    assert _batchedgreedy_with_logits(fast, prompts, n, joins) == alone
 
 
 @pytest.mark.slow
@@ -507,7 +495,7 @@ def test_slot_decoder_steps_equal_request_batches(
         got.append(fast.read_tokens(tokens[:2]))
     decoder.finish(1)
     assert int(decoder.cache.active.sum()) == 1
-    expected = [_greedy(fast, p, n)[0] for p in prompts]
+    expected = [greedy_with_logits(fast, p, n)[0] for p in prompts]
     assert [row[0] for row in got] == expected[0]
     assert [row[1] for row in got] == expected[1]
 

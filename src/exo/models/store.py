@@ -5,7 +5,7 @@ import shutil
 import time
 from collections.abc import Callable, Generator, Sequence
 from collections.abc import Set as AbstractSet
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 from loguru import logger
@@ -24,6 +24,7 @@ from exo.models.download import (
     stored_source,
 )
 from exo.models.hub import HubClient, HubSource
+from exo.shared.file_lock import try_lock
 from exo.shared.types.ids import ModelId
 from exo.shared.types.models import ModelCard
 
@@ -251,20 +252,10 @@ class ModelStore:
     def _lock_path(self, path: Path) -> Path:
         return self.root / f".{path.name}.lock"
 
-    @contextmanager
-    def _try_lock(self, path: Path) -> Generator[bool]:
+    def _try_lock(self, path: Path) -> AbstractContextManager[bool]:
         """The lock of `path` if nobody holds it (True), else False at once."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with self._lock_path(path).open("a") as lock_file:
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
+        return try_lock(self._lock_path(path))
 
     @contextmanager
     def _lock(self, path: Path) -> Generator[None]:

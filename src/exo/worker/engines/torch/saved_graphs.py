@@ -30,7 +30,6 @@ been saved.
 """
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import platform
@@ -47,6 +46,7 @@ import torch
 from loguru import logger
 from torch import Tensor
 
+from exo.shared.file_lock import try_lock
 from exo.shared.types.base import Frozen
 from exo.worker.engines.base import ShardSpec
 from exo.worker.engines.torch.compile_env import COMPILE_ENV, saved_graphs_mode
@@ -212,10 +212,8 @@ class SavedGraphs:
         """Whether this process may save that graph: no other saver is saving it now."""
         self.directory.mkdir(parents=True, exist_ok=True)
         lock = self.path(bucket, threads).with_suffix(".lock")
-        with lock.open("a") as file:
-            try:
-                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+        with try_lock(lock) as mine:
+            if not mine:
                 yield False
                 return
             try:
@@ -225,7 +223,6 @@ class SavedGraphs:
                 # next and then finds the graph saved; one that comes later makes a new one.
                 with contextlib.suppress(OSError):
                     lock.unlink()
-                fcntl.flock(file, fcntl.LOCK_UN)
 
     @property
     def saver(self) -> "subprocess.Popen[bytes] | None":
