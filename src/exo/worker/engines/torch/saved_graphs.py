@@ -46,6 +46,7 @@ import torch
 from loguru import logger
 from torch import Tensor
 
+from exo.models import architecture
 from exo.shared.file_lock import try_lock
 from exo.shared.types.base import Frozen
 from exo.worker.engines.base import ShardSpec
@@ -91,11 +92,13 @@ class GraphRecipe(Frozen):
 
 
 def _sources_digest() -> str:
-    """The engine's Python and C++ sources: a change to any can change the graph."""
+    """The engine's Python and C++ sources, and the model description it reads (constants
+    such as the norms' epsilon are part of a graph): a change to any can change the graph."""
     digest = hashlib.sha256()
-    for path in sorted(_ENGINE_SOURCES.rglob("*")):
-        if path.suffix in (".py", ".cpp", ".h") and "__pycache__" not in path.parts:
-            digest.update(path.relative_to(_ENGINE_SOURCES).as_posix().encode())
+    engine = [p for p in _ENGINE_SOURCES.rglob("*") if p.suffix in (".py", ".cpp", ".h")]
+    for path in [*sorted(engine), Path(architecture.__file__)]:
+        if "__pycache__" not in path.parts:
+            digest.update(path.name.encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
 
