@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -74,16 +75,14 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 1e6
 
 
+@dataclass
 class Start:
-    def __init__(self, healthz: float, token: float, daemon_mb: float, runner_mb: float) -> None:
-        self.healthz, self.token, self.daemon_mb, self.runner_mb = (
-            healthz,
-            token,
-            daemon_mb,
-            runner_mb,
-        )
-        # From the spawn until the runner had every bucket's decode step.
-        self.every_bucket = float("nan")
+    healthz: float
+    token: float
+    daemon_mb: float
+    runner_mb: float
+    # From the spawn until the runner had every bucket's decode step.
+    every_bucket: float = float("nan")
 
 
 def _graphs(home: Path) -> int:

@@ -30,6 +30,7 @@ been saved.
 """
 
 import contextlib
+import functools
 import hashlib
 import os
 import platform
@@ -50,7 +51,7 @@ from exo.models import architecture
 from exo.shared.file_lock import try_lock
 from exo.shared.types.base import Frozen
 from exo.worker.engines.base import ShardSpec
-from exo.worker.engines.torch.compile_env import COMPILE_ENV, saved_graphs_mode
+from exo.worker.engines.torch.compile_env import saved_graphs_mode
 from exo.worker.engines.torch.quant import WeightFormat
 
 _ENGINE_SOURCES = Path(__file__).parent
@@ -91,6 +92,7 @@ class GraphRecipe(Frozen):
         return ShardSpec(self.start, self.end, self.n_layers)
 
 
+@functools.cache
 def _sources_digest() -> str:
     """The engine's Python and C++ sources, and the model description it reads (constants
     such as the norms' epsilon are part of a graph): a change to any can change the graph."""
@@ -279,25 +281,27 @@ def _end_with_parent() -> None:
 
 def save_graphs(recipe: GraphRecipe, wanted: Sequence[tuple[int, int]], directory: Path) -> int:
     """Load the recipe's stage (eager) and save each wanted graph not saved yet; returns how
-    many this call saved. The test suite calls this once; the saver process calls it too."""
+    many this call saved. The saver process calls it; tests call it too."""
     from exo.worker.engines.torch.compiled import aot_compile_step
-    from exo.worker.engines.torch.engine import TorchEngine
+    from exo.worker.engines.torch.device import choose_placement
+    from exo.worker.engines.torch.llama import load_stage
 
     store = SavedGraphs(recipe, directory)
     todo = store.missing(wanted)
     if not todo:
         return 0
-    eager = os.environ.get(COMPILE_ENV)
-    os.environ[COMPILE_ENV] = "0"  # the stage only: this is where its graphs are made
-    try:
-        engine = TorchEngine.load(
-            Path(recipe.model_dir), recipe.shard, lambda _: None, recipe.weights
+    # The stage as its runner loaded it, without the runner's compiled decoder.
+    placement = choose_placement(recipe.weights)
+    with torch.no_grad():
+        stage = load_stage(
+            Path(recipe.model_dir),
+            recipe.start,
+            recipe.end,
+            placement.weights,
+            placement.activation_dtype,
+            placement.device,
+            lambda _: None,
         )
-    finally:
-        if eager is None:
-            del os.environ[COMPILE_ENV]
-        else:
-            os.environ[COMPILE_ENV] = eager
     pruned = store.prune()
     if pruned:
         logger.info(f"deleted {pruned} saved graphs no start used for 30 days")
@@ -310,7 +314,7 @@ def save_graphs(recipe: GraphRecipe, wanted: Sequence[tuple[int, int]], director
             started = time.perf_counter()
             torch.set_num_threads(threads)
             try:
-                graph = aot_compile_step(engine.stage, bucket)
+                graph = aot_compile_step(stage, bucket)
             except Exception:
                 failed = store.path(bucket, threads).with_suffix(".failed")
                 failed.write_text(traceback.format_exc(), encoding="utf-8")
