@@ -144,6 +144,25 @@ def test_our_matmul_matches_dequantized_weights(bits: int, group_size: int) -> N
 
 
 @needs_ours
+def test_our_matmul_takes_small_8_bit_values_as_it_takes_4_bit_ones() -> None:
+    # The AVX2 variant multiplies 8-bit weights as q - 128 and adds 128 times the
+    # activations' sum back; 4-bit ones as they are. The same values 0..15 packed both ways
+    # must give the same integers, so bitwise the same outputs, on both variants. Rows that
+    # are all 0 or all 15 and a group of zero activations take the edges.
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (64, 192), generator=gen).to(torch.uint8)
+    q[0], q[1] = 0, 15
+    scales = torch.rand(64, 6, generator=gen) * 0.02 + 1e-3
+    biases = -8 * scales
+    x = torch.randn(6, 192, generator=gen) * 3
+    x[0, :32] = 0
+    four = cpu_ops.pack(q, scales, biases, 4)
+    eight = cpu_ops.pack(q, scales, biases, 8)
+    for avx2 in (False, True):
+        assert torch.equal(cpu_ops.qmm(x, *four, avx2=avx2), cpu_ops.qmm(x, *eight, avx2=avx2))
+
+
+@needs_ours
 def test_our_matmul_rejects_what_it_cannot_take() -> None:
     weight = _random_affine(48, 64, 4, seed=1)
     layer = QmmLinear.from_affine(weight, None)

@@ -2,7 +2,7 @@
 // Activations are quantized per row and per group of 32 inputs to two int8 parts (see
 // quantize_row); unsigned weight x signed activation products are summed in int32, four
 // at a time: by vpdpbusd on AVX512-VNNI, by vpmaddubsw + vpmaddwd on AVX2 (chosen at run
-// time; exo::qmm_avx2 forces the second, for tests). Each block of 16 output rows is read
+// time; exo::qmm_avx2 forces the second, for tests; AVX2 takes 8-bit weights as q - 128). Each block of 16 output rows is read
 // once for up to 4 rows of x, so a batch of 4 costs little more than one row (torch's
 // int4 kernel dequantizes per row). Both variants do the same integer sums and the same
 // float operations in the same order per output: their results are bitwise equal.
@@ -60,7 +60,7 @@ EXO_AVX2 inline void store_int8(int8_t* out, __m256i a, __m256i b, __m256i c, __
 // group's inputs (it multiplies the minimum m). AVX2 for both variants, so every CPU
 // quantizes identically.
 EXO_AVX2 void quantize_row(const float* x, int64_t groups, int8_t* a1, int8_t* a2, float* s,
-                           float* sum) {
+                           float* sum, int32_t* isum) {
   const __m256 frac = _mm256_set1_ps(128.f);
   const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t g = 0; g < groups; g++) {
@@ -80,6 +80,12 @@ EXO_AVX2 void quantize_row(const float* x, int64_t groups, int8_t* a1, int8_t* a
     }
     store_int8(a1 + g * kGroup, whole[0], whole[1], whole[2], whole[3]);
     store_int8(a2 + g * kGroup, part[0], part[1], part[2], part[3]);
+    // The group's activations as one integer, 128 * a1 + a2, summed (the clamped values
+    // the products use): 8-bit weights on AVX2 multiply q - 128 and add 128 times this.
+    int32_t total = 0;
+    for (int64_t i = 0; i < kGroup; i++)
+      total += 128 * a1[g * kGroup + i] + a2[g * kGroup + i];
+    isum[g] = total;
     s[g] = scale / 128.f;
     sum[g] = hsum8(_mm256_add_ps(_mm256_add_ps(xs[0], xs[1]), _mm256_add_ps(xs[2], xs[3])));
   }
@@ -91,6 +97,7 @@ EXO_AVX2 void quantize_row(const float* x, int64_t groups, int8_t* a1, int8_t* a
 template <int R, int LOADS>
 EXO_AVX512 inline void block_avx512(const uint8_t* w, const uint16_t* d, const uint16_t* m, int64_t groups,
                   const int32_t* a, int64_t a_stride, const float* s, const float* sum,
+                  const int32_t* /*isum: 8-bit weights are unsigned for vpdpbusd*/,
                   int64_t g_stride, float* y, int64_t y_stride) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   const int64_t fine = groups * 8;  // K / 4 words
@@ -134,15 +141,18 @@ EXO_AVX512 inline void block_avx512(const uint8_t* w, const uint16_t* d, const u
 }
 
 // The same for AVX2: 8 output rows per vector (the block's two halves one after the
-// other), vpmaddubsw (u8 x s8 pairs to int16; |sum| <= 2 * 15 * 127, no saturation with
-// 4-bit values, so 8-bit weights go as two nibbles, the high one weighted by 16) and
-// vpmaddwd with ones (pairs of int16 to int32).
+// other); vpmaddubsw multiplies unsigned by signed bytes into int16 pairs, vpmaddwd with
+// ones adds the pairs into int32. 4-bit weights as they are: |pair| <= 2 * 15 * 127, no
+// saturation. 8-bit weights as q - 128 (signed; its sign moved onto the activation, so
+// |q - 128| <= 128 stays unsigned and |pair| <= 2 * 128 * 127 < 2^15), with 128 times the
+// group's activation sum added back (isum): the same integers as q times the activations.
 template <int R, int LOADS>
 EXO_AVX2 inline void block_avx2(const uint8_t* w, const uint16_t* d, const uint16_t* m,
                                 int64_t groups, const int32_t* a, int64_t a_stride,
-                                const float* s, const float* sum, int64_t g_stride, float* y,
-                                int64_t y_stride) {
+                                const float* s, const float* sum, const int32_t* isum,
+                                int64_t g_stride, float* y, int64_t y_stride) {
   const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t fine = groups * 8;
   for (int half = 0; half < 2; half++) {
@@ -154,19 +164,21 @@ EXO_AVX2 inline void block_avx2(const uint8_t* w, const uint16_t* d, const uint1
       for (int r = 0; r < R; r++) whole[r] = part[r] = _mm256_setzero_si256();
       for (int i = 0; i < LOADS; i++) {
         __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * i));
-        __m256i lo = _mm256_and_si256(v, low);
-        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        for (int r = 0; r < R; r++) {
-          const int32_t* ar = a + r * a_stride + g * 8;
-          if constexpr (LOADS == 8) {
-            const __m256i aw = _mm256_set1_epi32(ar[i]), ap = _mm256_set1_epi32(ar[fine + i]);
-            __m256i wl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, aw), ones);
-            __m256i wh = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, aw), ones);
-            __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ap), ones);
-            __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ap), ones);
-            whole[r] = _mm256_add_epi32(whole[r], _mm256_add_epi32(_mm256_slli_epi32(wh, 4), wl));
-            part[r] = _mm256_add_epi32(part[r], _mm256_add_epi32(_mm256_slli_epi32(ph, 4), pl));
-          } else {
+        if constexpr (LOADS == 8) {
+          const __m256i q = _mm256_xor_si256(v, flip);  // q - 128 as int8
+          const __m256i size = _mm256_abs_epi8(q);      // 0..128, read as unsigned
+          for (int r = 0; r < R; r++) {
+            const int32_t* ar = a + r * a_stride + g * 8;
+            const __m256i aw = _mm256_sign_epi8(_mm256_set1_epi32(ar[i]), q);
+            const __m256i ap = _mm256_sign_epi8(_mm256_set1_epi32(ar[fine + i]), q);
+            whole[r] = _mm256_add_epi32(whole[r], _mm256_madd_epi16(_mm256_maddubs_epi16(size, aw), ones));
+            part[r] = _mm256_add_epi32(part[r], _mm256_madd_epi16(_mm256_maddubs_epi16(size, ap), ones));
+          }
+        } else {
+          const __m256i lo = _mm256_and_si256(v, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          for (int r = 0; r < R; r++) {
+            const int32_t* ar = a + r * a_stride + g * 8;
             __m256i w16 = _mm256_add_epi16(
                 _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ar[i])),
                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ar[4 + i])));
@@ -182,6 +194,8 @@ EXO_AVX2 inline void block_avx2(const uint8_t* w, const uint16_t* d, const uint1
       const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + g * 16 + 8 * half)));
       for (int r = 0; r < R; r++) {
         __m256i dot = _mm256_add_epi32(_mm256_slli_epi32(whole[r], 7), part[r]);
+        if constexpr (LOADS == 8)
+          dot = _mm256_add_epi32(dot, _mm256_set1_epi32(128 * isum[r * g_stride + g]));
         __m256 ds = _mm256_mul_ps(dv, _mm256_set1_ps(s[r * g_stride + g]));
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), ds, acc[r]);
         acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sum[r * g_stride + g]), acc[r]);
@@ -197,7 +211,7 @@ EXO_AVX2 inline void block_avx2(const uint8_t* w, const uint16_t* d, const uint1
   template <int LOADS>                                                                         \
   ATTR void NAME(const uint8_t* w, const uint16_t* d, const uint16_t* m, int64_t groups,       \
                  const int32_t* a, int64_t a_stride, const float* s, const float* sum,         \
-                 int64_t M, int64_t N, int64_t nb, float* y) {                                 \
+                 const int32_t* isum, int64_t M, int64_t N, int64_t nb, float* y) {           \
     const uint8_t* wb = w + nb * groups * LOADS * 64;                                          \
     const uint16_t* db = d + nb * groups * 16;                                                 \
     const uint16_t* mb = m + nb * groups * 16;                                                 \
@@ -205,12 +219,13 @@ EXO_AVX2 inline void block_avx2(const uint8_t* w, const uint16_t* d, const uint1
       const int32_t* ar = a + r0 * a_stride;                                                   \
       const float* sr = s + r0 * groups;                                                       \
       const float* ur = sum + r0 * groups;                                                     \
+      const int32_t* ir = isum + r0 * groups;                                                  \
       float* yr = y + r0 * N + nb * kBlockRows;                                                \
       switch (std::min<int64_t>(kMaxRows, M - r0)) {                                           \
-        case 1: BLOCK<1, LOADS>(wb, db, mb, groups, ar, a_stride, sr, ur, groups, yr, N); break; \
-        case 2: BLOCK<2, LOADS>(wb, db, mb, groups, ar, a_stride, sr, ur, groups, yr, N); break; \
-        case 3: BLOCK<3, LOADS>(wb, db, mb, groups, ar, a_stride, sr, ur, groups, yr, N); break; \
-        default: BLOCK<4, LOADS>(wb, db, mb, groups, ar, a_stride, sr, ur, groups, yr, N); break; \
+        case 1: BLOCK<1, LOADS>(wb, db, mb, groups, ar, a_stride, sr, ur, ir, groups, yr, N); break; \
+        case 2: BLOCK<2, LOADS>(wb, db, mb, groups, ar, a_stride, sr, ur, ir, groups, yr, N); break; \
+        case 3: BLOCK<3, LOADS>(wb, db, mb, groups, ar, a_stride, sr, ur, ir, groups, yr, N); break; \
+        default: BLOCK<4, LOADS>(wb, db, mb, groups, ar, a_stride, sr, ur, ir, groups, yr, N); break; \
       }                                                                                        \
     }                                                                                          \
   }
@@ -244,13 +259,15 @@ at::Tensor qmm_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   // Per row: K int8 whole units, then K int8 1/128ths; then the scales and sums.
   at::Tensor a = at::empty({M, 2 * K}, x.options().dtype(at::kChar));
   at::Tensor scales = at::empty({2, M, groups}, x.options());
+  at::Tensor sums = at::empty({M, groups}, x.options().dtype(at::kInt));
   const float* xp = x.data_ptr<float>();
   int8_t* ap = a.data_ptr<int8_t>();
   float* sp = scales.data_ptr<float>();
   float* up = sp + M * groups;
+  int32_t* ip = sums.data_ptr<int32_t>();
   for (int64_t r = 0; r < M; r++)
     quantize_row(xp + r * K, groups, ap + r * 2 * K, ap + r * 2 * K + K, sp + r * groups,
-                 up + r * groups);
+                 up + r * groups, ip + r * groups);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
@@ -262,13 +279,13 @@ at::Tensor qmm_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t nb = b0; nb < b1; nb++) {
       if (avx512 && eight)
-        rows_avx512<8>(wp, dp, mp, groups, a32, a_stride, sp, up, M, N, nb, yp);
+        rows_avx512<8>(wp, dp, mp, groups, a32, a_stride, sp, up, ip, M, N, nb, yp);
       else if (avx512)
-        rows_avx512<4>(wp, dp, mp, groups, a32, a_stride, sp, up, M, N, nb, yp);
+        rows_avx512<4>(wp, dp, mp, groups, a32, a_stride, sp, up, ip, M, N, nb, yp);
       else if (eight)
-        rows_avx2<8>(wp, dp, mp, groups, a32, a_stride, sp, up, M, N, nb, yp);
+        rows_avx2<8>(wp, dp, mp, groups, a32, a_stride, sp, up, ip, M, N, nb, yp);
       else
-        rows_avx2<4>(wp, dp, mp, groups, a32, a_stride, sp, up, M, N, nb, yp);
+        rows_avx2<4>(wp, dp, mp, groups, a32, a_stride, sp, up, ip, M, N, nb, yp);
     }
   });
   return y;
