@@ -78,10 +78,18 @@ def run_streams(chain: Chain, n: int, tokens: int, tag: str) -> tuple[dict[str, 
     for task in streams:
         chain.generate(task, PROMPT, tokens)
     done = 0
+    last = chain.stages[-1]
     while done < n:
-        for stage in chain.stages:
+        # Tokens and ends come from the last stage: block on it (a driver polling every
+        # millisecond would take CPU from the stages on a small machine), then look at the
+        # others without waiting (an error may come from any stage).
+        for stage in (last, *chain.stages[:-1]):
             try:
-                message = stage.received.get(timeout=0.001)
+                message = (
+                    stage.received.get(timeout=0.05)
+                    if stage is last
+                    else stage.received.get_nowait()
+                )
             except queue.Empty:
                 continue
             now = time.perf_counter()
