@@ -6,10 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import psutil
 import pytest
 import torch
 
@@ -104,6 +107,61 @@ def test_one_saver_at_a_time_per_graph(tmp_path: Path) -> None:
             assert not theirs and next_one
     with other.claim(1, 2) as theirs:
         assert theirs
+
+
+GIB = 1 << 30
+
+
+def test_a_saver_leaves_a_tenth_of_the_ram_free_and_at_least_a_gib() -> None:
+    assert saved_graphs.memory_floor(64 * GIB) == int(6.4 * GIB)
+    assert saved_graphs.memory_floor(4 * GIB) == GIB
+    assert saved_graphs.saver_fits(available=8 * GIB, total=24 * GIB, needed=GIB)
+    assert not saved_graphs.saver_fits(available=3 * GIB, total=24 * GIB, needed=GIB)
+    assert saved_graphs.saver_fits(available=GIB, total=4 * GIB, needed=0)
+    assert not saved_graphs.saver_fits(available=GIB - 1, total=4 * GIB, needed=0)
+
+
+def _host_reports(monkeypatch: pytest.MonkeyPatch, available: int, total: int) -> None:
+    monkeypatch.setattr(
+        saved_graphs.psutil,
+        "virtual_memory",
+        lambda: SimpleNamespace(available=available, total=total),
+    )
+
+
+def test_a_runner_starts_no_saver_where_it_would_not_leave_the_floor_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saver needs about what its runner holds (here: this process)."""
+    store = SavedGraphs(_recipe(tmp_path), tmp_path / "graphs")
+    monkeypatch.setenv(SAVED_GRAPHS_ENV, "1")
+    total = 16 * GIB
+    short = saved_graphs.memory_floor(total) + psutil.Process().memory_info().rss - 64 * (1 << 20)
+    _host_reports(monkeypatch, short, total)
+    store.save_in_background([(1, 2)])
+    assert store.saver is None
+    assert store.missing([(1, 2)]) == [(1, 2)]  # nothing marked: a later start tries again
+
+
+def test_a_saver_gives_way_once_free_memory_falls_below_the_floor() -> None:
+    readings = iter(
+        [(8 * GIB, 16 * GIB), (3 * GIB, 16 * GIB), (GIB, 16 * GIB), (9 * GIB, 16 * GIB)]
+    )
+    calls: list[tuple[int, int]] = []
+    saved_graphs.give_way_when_memory_is_low(
+        lambda: next(readings),
+        lambda free, floor: calls.append((free, floor)),
+        threading.Event(),
+        0,
+    )
+    assert calls == [(GIB, int(1.6 * GIB))]
+    assert next(readings) == (9 * GIB, 16 * GIB)  # it stopped looking once it gave way
+    stopped = threading.Event()
+    stopped.set()
+    saved_graphs.give_way_when_memory_is_low(
+        lambda: (0, 16 * GIB), lambda free, floor: calls.append((free, floor)), stopped, 0
+    )
+    assert len(calls) == 1
 
 
 def test_the_mode_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,6 +263,7 @@ def test_a_runner_starts_a_saver_for_what_is_missing_and_it_ends_with_the_runner
     (its stdin closed) exits without saving anything."""
     recipe = GraphRecipe.of(model_dir, ShardSpec(0, N_LAYERS, N_LAYERS), "int4")
     store = SavedGraphs(recipe, tmp_path / "graphs")
+    _host_reports(monkeypatch, 64 * GIB, 64 * GIB)  # room, whatever this machine has free
     monkeypatch.setenv(SAVED_GRAPHS_ENV, "load")
     store.save_in_background([(8, 1)])
     assert store.saver is None

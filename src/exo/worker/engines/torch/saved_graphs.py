@@ -23,6 +23,12 @@ saves each graph the runner found missing, and ends when its runner ends (it wat
 pipe the runner holds). The runner itself compiles what it needs as before; what the saver
 writes serves its next start, a restart, or a re-placement after a failure.
 
+A saver is a convenience for later starts and never takes memory a runner may need: it
+needs about as much as its runner (the same stage, the same compiler: ~1 GB for the built-in
+model), so a runner starts one only if that leaves `memory_floor` free (a tenth of the RAM,
+at least 1 GiB), and a saver ends, saving nothing more, as soon as free memory falls below
+the floor (another runner loading, a request's cache growing).
+
 `$EXO_TORCH_SAVED_GRAPHS`: "0" neither loads nor saves; "load" loads but starts no saver
 (the test suite saves once, up front); anything else, or unset, does both. A file that does
 not load, or a graph that refuses a step, is deleted and that step runs as if it had never
@@ -43,6 +49,7 @@ from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import psutil
 import torch
 from loguru import logger
 from torch import Tensor
@@ -60,6 +67,12 @@ _SUFFIX = ".graph"
 _KEEP_S = 30 * 24 * 3600.0
 # A lock or partial file this old belongs to a saver that was killed.
 _LEFT_BEHIND_S = 3600.0
+# Free memory a saver leaves to everything else: a tenth of the RAM, at least this.
+_FLOOR_FRACTION = 0.10
+_FLOOR_MIN_BYTES = 1 << 30
+# How often a saver looks at free memory.
+_MEMORY_POLL_S = 0.5
+_GIB = float(1 << 30)
 
 Graph = Callable[..., Tensor]
 
@@ -239,6 +252,17 @@ class SavedGraphs:
         missing = self.missing(wanted)
         if not missing or saved_graphs_mode() != "save" or self._saver is not None:
             return
+        memory = psutil.virtual_memory()
+        # What the saver will hold: about what this runner holds (the same stage, compiled).
+        needed = psutil.Process().memory_info().rss
+        if not saver_fits(memory.available, memory.total, needed):
+            logger.info(
+                f"not saving {len(missing)} compiled decode steps for later starts: a saver"
+                f" needs ~{needed / _GIB:.1f} GiB, {memory.available / _GIB:.1f} GiB is free"
+                f" and {memory_floor(memory.total) / _GIB:.1f} GiB must stay free;"
+                " the next start compiles them again"
+            )
+            return
         argv = [
             sys.executable,
             "-m",
@@ -254,6 +278,56 @@ class SavedGraphs:
             f"saving {len(missing)} compiled decode steps for later starts"
             f" (at idle priority, pid {self._saver.pid})"
         )
+
+
+def memory_floor(total: int) -> int:
+    """Free memory (bytes) a saver leaves on a host with `total` bytes of RAM."""
+    return max(_FLOOR_MIN_BYTES, int(total * _FLOOR_FRACTION))
+
+
+def saver_fits(available: int, total: int, needed: int) -> bool:
+    """Whether a saver that needs `needed` bytes leaves the floor free."""
+    return available - needed >= memory_floor(total)
+
+
+def give_way_when_memory_is_low(
+    free_and_total: Callable[[], tuple[int, int]],
+    give_way: Callable[[int, int], None],
+    stop: threading.Event,
+    poll_s: float = _MEMORY_POLL_S,
+) -> None:
+    """Call `give_way(free, floor)` (once) as soon as free memory falls below the floor;
+    returns then, or when `stop` is set. The saver runs it in a thread of its own."""
+    while not stop.wait(poll_s):
+        free, total = free_and_total()
+        if free < memory_floor(total):
+            give_way(free, memory_floor(total))
+            return
+
+
+def _host_memory() -> tuple[int, int]:
+    memory = psutil.virtual_memory()
+    return memory.available, memory.total
+
+
+def _end_when_memory_is_low() -> None:
+    """Exit (saving nothing more) when free memory falls below the floor: a runner, ours or
+    another instance's, needs it more than later starts need our graphs. A file being
+    written stays partial (never loaded; `prune` deletes it); the lock goes with us."""
+
+    def give_way(free: int, floor: int) -> None:
+        logger.warning(
+            f"free memory is down to {free / _GIB:.1f} GiB (floor {floor / _GIB:.1f} GiB):"
+            " giving way, saving nothing more"
+        )
+        os._exit(0)
+
+    threading.Thread(
+        target=give_way_when_memory_is_low,
+        args=(_host_memory, give_way, threading.Event()),
+        name="memory-watch",
+        daemon=True,
+    ).start()
 
 
 def _lowest_priority() -> None:
@@ -349,6 +423,7 @@ def main(argv: Sequence[str]) -> int:
     )
     _lowest_priority()
     _end_with_parent()
+    _end_when_memory_is_low()
     recipe = GraphRecipe.model_validate_json(argv[0])
     save_graphs(recipe, _parse_wanted(argv[1]), Path(argv[2]))
     return 0
