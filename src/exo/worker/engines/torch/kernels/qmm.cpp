@@ -2,10 +2,11 @@
 // Activations are quantized per row and per group of 32 inputs to two int8 parts (see
 // quantize_row); unsigned weight x signed activation products are summed in int32, four
 // at a time: by vpdpbusd on AVX512-VNNI, by vpmaddubsw + vpmaddwd on AVX2 (chosen at run
-// time; exo::qmm_avx2 forces the second, for tests; AVX2 takes 8-bit weights as q - 128). Each block of 16 output rows is read
-// once for up to 4 rows of x, so a batch of 4 costs little more than one row (torch's
-// int4 kernel dequantizes per row). Both variants do the same integer sums and the same
-// float operations in the same order per output: their results are bitwise equal.
+// time; exo::qmm_avx2 forces the second, for tests; AVX2 takes 8-bit weights as q - 128).
+// Each block of 16 output rows is read once for up to 4 rows of x, so a batch of 4 costs
+// little more than one row (torch's int4 kernel dequantizes per row). Both variants do the
+// same integer sums and the same float operations in the same order per output: their
+// results are bitwise equal.
 // Built at first use by exo/worker/engines/torch/cpu_ops.py; docs/torch_engine.md has
 // the measurements and the accuracy.
 //
@@ -82,10 +83,13 @@ EXO_AVX2 void quantize_row(const float* x, int64_t groups, int8_t* a1, int8_t* a
     store_int8(a2 + g * kGroup, part[0], part[1], part[2], part[3]);
     // The group's activations as one integer, 128 * a1 + a2, summed (the clamped values
     // the products use): 8-bit weights on AVX2 multiply q - 128 and add 128 times this.
-    int32_t total = 0;
-    for (int64_t i = 0; i < kGroup; i++)
-      total += 128 * a1[g * kGroup + i] + a2[g * kGroup + i];
-    isum[g] = total;
+    // Only they read it (isum is null for every other call).
+    if (isum) {
+      int32_t total = 0;
+      for (int64_t i = 0; i < kGroup; i++)
+        total += 128 * a1[g * kGroup + i] + a2[g * kGroup + i];
+      isum[g] = total;
+    }
     s[g] = scale / 128.f;
     sum[g] = hsum8(_mm256_add_ps(_mm256_add_ps(xs[0], xs[1]), _mm256_add_ps(xs[2], xs[3])));
   }
@@ -265,16 +269,17 @@ at::Tensor qmm_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   float* sp = scales.data_ptr<float>();
   float* up = sp + M * groups;
   int32_t* ip = sums.data_ptr<int32_t>();
+  const bool eight = w.size(2) == 8;
+  const bool integer_sums = eight && !avx512;  // read by rows_avx2<8> only
   for (int64_t r = 0; r < M; r++)
     quantize_row(xp + r * K, groups, ap + r * 2 * K, ap + r * 2 * K + K, sp + r * groups,
-                 up + r * groups, ip + r * groups);
+                 up + r * groups, integer_sums ? ip + r * groups : nullptr);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
   const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
   float* yp = y.data_ptr<float>();
   const int64_t a_stride = 2 * K / 4;
-  const bool eight = w.size(2) == 8;
   // Small grains: a 576 x 576 matrix has 36 blocks and should still use every thread.
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t nb = b0; nb < b1; nb++) {
