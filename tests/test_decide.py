@@ -1,5 +1,6 @@
 """The master's pure command handling."""
 
+import math
 import re
 import time
 
@@ -19,6 +20,7 @@ from exo.shared.types.commands import (
     PlaceInstance,
     RemoveModel,
 )
+from exo.shared.types.engines import EngineName
 from exo.shared.types.events import (
     DeviceInventoryReported,
     DeviceMetricsReported,
@@ -34,6 +36,7 @@ from exo.shared.types.events import (
 )
 from exo.shared.types.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId
 from exo.shared.types.instances import Instance
+from exo.shared.types.placement import CostParams
 from exo.shared.types.runners import RunnerFailed
 from exo.shared.types.state import State
 from exo.shared.types.telemetry import DeviceMetrics, DeviceSpec, LinkProfile, PerfFigure
@@ -131,6 +134,14 @@ def test_tasks_go_to_a_healthy_instance_and_cancel_is_idempotent() -> None:
 # --- placement through the solver ---------------------------------------------------------
 
 GIB = 1 << 30
+
+
+def free_leaving(room: int, engine: EngineName) -> int:
+    """Free bytes on a CPU whose runner has `room` usable bytes beyond its overhead."""
+    params = CostParams()
+    return math.ceil((params.overhead_bytes("cpu", engine) + room) / (1 - params.memory_margin))
+
+
 ENGINE_CTX = CTX.model_copy(
     update={"new_runner_ids": [RunnerId(f"run-{i}") for i in range(8)], "default_engine": "torch"}
 )
@@ -243,8 +254,8 @@ def test_a_manual_split_is_costed_and_refused_when_it_does_not_fit() -> None:
 def test_a_model_too_big_for_one_device_is_split_across_linked_nodes() -> None:
     a, b = NODES
     # SmolLM2 needs ~98 MB of weights + 4096 tokens of KV (~189 MB: torch holds it in
-    # float32 on CPU) + 384 MiB CPU overhead.
-    room = 384 * (1 << 20) + 220_000_000
+    # float32 on CPU) + a torch CPU runner's overhead.
+    room = free_leaving(171_000_000, "torch")
     state = state_of(*cpu(a, room, 20e9), *cpu(b, room, 20e9), link_between(a, b))
     instance = placed(state)
     assert [s.node_id for s in instance.shards] in ([a, b], [b, a])
@@ -262,7 +273,7 @@ def test_infeasible_placement_says_which_device_is_short_by_how_many_bytes() -> 
     assert re.search(rf"{a}/cpu by \d+ bytes", out.message), out.message
     # Without links the two nodes cannot form a pipeline: the reason says so.
     b = NODES[1]
-    small = 384 * (1 << 20) + 140_000_000
+    small = free_leaving(113_000_000, "mlx")
     out = run(state_of(*cpu(a, small, 20e9), *cpu(b, small, 20e9)), PlaceInstance(model_id=MODEL))
     assert isinstance(out, Rejection) and "link" in out.message
 

@@ -200,7 +200,7 @@ def device_terms(
     kv_per_layer = held.kv_bytes_per_token_per_layer * ctx
     per_layer = held.layer_bytes + kv_per_layer
     usable = int(device.memory_free_bytes * (1.0 - params.memory_margin))
-    overhead = params.overhead_bytes(device.kind)
+    overhead = params.overhead_bytes(device.kind, eff.engine)
     room = usable - overhead
     middle = max(0, min(card.n_layers, room // per_layer))
     end = max(0, min(card.n_layers, (room - held.non_layer_bytes) // per_layer))
