@@ -40,6 +40,7 @@ from exo.shared.types.placement import ManualStage, Placement, PlacementRequest
 from exo.shared.types.stream import StreamEnd, StreamError, TokenChunk
 from exo.shared.types.topology import ClusterView, DeviceId, DeviceProfile, LinkProfile
 from exo.worker.cores import cpu_cores, cpu_share
+from exo.worker.cpu_features import cpu_flags, kernels_for
 from exo.worker.engines.torch.compile_env import measure_compiled_steady_state
 from exo.worker.pipeline.frames import FrameFlag, FrameKind, encode_array, encode_token
 from exo.worker.pipeline.links import (
@@ -251,6 +252,7 @@ def predicted_tps(engine: EngineName, bandwidth: float, hop_s: float) -> tuple[f
             memory_free_bytes=8 << 30,
             memory_bandwidth_bytes_per_s=bandwidth,
             compute_flops=1e11,
+            cpu_kernels=kernels_for(cpu_flags()),
         )
 
     link = LinkProfile(src=NodeId("a"), dst=NodeId("b"), latency_s=hop_s, bandwidth_bytes_per_s=1e9)

@@ -14,6 +14,7 @@ from exo.shared.types.placement import (
     PlacementRequest,
     engine_for,
 )
+from exo.shared.types.telemetry import CpuKernels
 from exo.shared.types.topology import ClusterView
 from tests.test_placement import card, dev, links
 
@@ -57,6 +58,32 @@ def test_an_uncalibrated_pair_uses_the_global_bandwidth_efficiency() -> None:
     params = CostParams(engine_efficiency=())
     assert params.efficiency("torch", "cuda").bandwidth_fraction == params.bandwidth_efficiency
     assert params.efficiency("torch", "cuda").token_overhead_s == 0.0
+
+
+def test_a_cpu_is_costed_by_the_kernel_variant_it_runs() -> None:
+    """Our AVX2 kernels decode at the AVX-512 entry's bandwidth share but prefill at about
+    a third of its rate; a CPU of unknown variant gets the entry for any."""
+    params = CostParams()
+    generic = params.efficiency("torch", "cpu")
+    assert generic.cpu_kernels is None
+    assert params.efficiency("torch", "cpu", "avx512-vnni") == generic
+    assert params.efficiency("torch", "cpu", "none") == generic
+    avx2 = params.efficiency("torch", "cpu", "avx2")
+    assert avx2.cpu_kernels == "avx2" and avx2.compute_fraction == 0.55
+    assert params.efficiency("mlx", "cpu", "avx2").engine == "mlx"  # no entry of its own
+
+    def predicted(variant: CpuKernels | None) -> Placement:
+        cpu = dev("a", 0, 8, 16.0, tflops=0.18, kind="cpu")
+        result = place(
+            CARD, ClusterView(devices=(cpu.model_copy(update={"cpu_kernels": variant}),))
+        )
+        assert isinstance(result, Placement)
+        return result
+
+    vnni, slow = predicted("avx512-vnni"), predicted("avx2")
+    assert slow.prediction.time_per_token_s == pytest.approx(vnni.prediction.time_per_token_s)
+    assert slow.stages[0].prefill_time_s > 2.5 * vnni.stages[0].prefill_time_s
+    assert predicted(None).stages[0].prefill_time_s == vnni.stages[0].prefill_time_s
 
 
 def test_a_stage_overhead_keeps_a_model_that_fits_on_one_device() -> None:

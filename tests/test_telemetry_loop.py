@@ -9,6 +9,7 @@ import anyio
 from exo.shared.types.events import DeviceInventoryReported, DeviceMetricsReported, Event
 from exo.shared.types.ids import NodeId
 from exo.shared.types.telemetry import DeviceMetrics, DeviceSpec
+from exo.worker.cpu_features import cpu_flags, kernels_for
 from exo.worker.engines.choice import this_machines_engine
 from exo.worker.telemetry.cli import devices_main, render_table
 from exo.worker.telemetry.inventory import UNKNOWN, CpuSource, Inventory
@@ -136,6 +137,7 @@ def test_real_cpu_source_reads_this_machine() -> None:
     (cpu,) = source.probe()
     metrics = source.sample()["cpu"]
     assert cpu.kind == "cpu" and cpu.cores is not None and cpu.memory_total_bytes > 0
+    assert cpu.cpu_kernels == kernels_for(cpu_flags())
     assert 0 < metrics.memory_free_bytes <= cpu.memory_total_bytes
 
 

@@ -102,7 +102,13 @@ def test_cluster_view_from_state() -> None:
         started(A),
         started(B),
         DeviceInventoryReported(
-            node_id=A, devices=(device("cuda:0"), unrated, device("cpu")), reported_at_ms=1
+            node_id=A,
+            devices=(
+                device("cuda:0"),
+                unrated,
+                device("cpu").model_copy(update={"cpu_kernels": "avx2"}),
+            ),
+            reported_at_ms=1,
         ),
         DeviceMetricsReported(
             node_id=A,
@@ -122,6 +128,8 @@ def test_cluster_view_from_state() -> None:
     gpu = next(d for d in view.devices if d.device_id == "node-a/cuda:0")
     assert gpu.memory_free_bytes == 70 * _GIB
     assert gpu.memory_bandwidth_bytes_per_s == 3.35e12
+    kernels = {d.device_id: d.cpu_kernels for d in view.devices}
+    assert kernels == {"node-a/cpu": "avx2", "node-a/cuda:0": None, "node-b/metal:0": None}
     (ab,) = view.links
     assert (ab.src, ab.dst, ab.latency_s, ab.bandwidth_bytes_per_s) == (A, B, 0.001, 1.25e8)
     assert view.link(B, A) == ab  # symmetric fallback

@@ -46,6 +46,7 @@ from exo.shared.types.engines import EngineName
 from exo.shared.types.ids import NodeId, TaskId
 from exo.shared.types.placement import EngineEfficiency, Placement, PlacementRequest
 from exo.shared.types.topology import ClusterView, DeviceId, DeviceProfile
+from exo.worker.cpu_features import cpu_flags, kernels_for
 from exo.worker.engines.base import ChatTokenizer, Engine, ShardSpec, load_engine, warm_up
 from exo.worker.engines.torch.compile_env import measure_compiled_steady_state
 from exo.worker.generate import generate
@@ -147,6 +148,7 @@ def this_cpu(bandwidth: float, compute: float = 1e11) -> ClusterView:
         memory_free_bytes=8 << 30,
         memory_bandwidth_bytes_per_s=bandwidth,
         compute_flops=compute,
+        cpu_kernels=kernels_for(cpu_flags()),
     )
     return ClusterView(devices=(device,))
 
@@ -236,6 +238,7 @@ def main() -> None:
         layer_overhead_s=round(layer_overhead, 6),
         token_overhead_s=round(max(token_overhead, 0.0), 5),
         compute_fraction=round(compute_fraction, 2),
+        cpu_kernels=kernels_for(cpu_flags()) if engine_name == "torch" else None,
         source="bench/placement/calibrate.py",
     )
 
@@ -255,7 +258,7 @@ def main() -> None:
         )
     print(f"fit over first stages: {slope * 1e6:.0f} us per layer + {intercept * 1e3:.2f} ms")
     print(f"fitted: {fitted.model_dump_json()}")
-    used = problem.request.params.efficiency(engine_name, "cpu")
+    used = problem.request.params.efficiency(engine_name, "cpu", kernels_for(cpu_flags()))
     print(f"in use: {used.model_dump_json()}")
     print()
     print("| | predicted | measured (best) | error | measured (median) |")

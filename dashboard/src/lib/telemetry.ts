@@ -22,6 +22,8 @@ export interface DeviceSpec {
   memory_bandwidth?: PerfFigure;
   compute?: PerfFigure;
   cores?: number | null;
+  // CPUs: the variant of exo's quantized CPU kernels this CPU runs.
+  cpu_kernels?: 'avx512-vnni' | 'avx2' | 'none' | null;
   compute_capability?: string | null;
   power_limit_w?: number | null;
   [extra: string]: unknown;

@@ -80,6 +80,7 @@ def _partition(state: State) -> tuple[list[DeviceProfile], dict[DeviceId, str]]:
                         memory_free_bytes=metrics.memory_free_bytes,
                         memory_bandwidth_bytes_per_s=device.memory_bandwidth.value,
                         compute_flops=device.compute.value,
+                        cpu_kernels=device.cpu_kernels,
                     )
                 )
     return sorted(usable, key=lambda d: d.device_id), excluded

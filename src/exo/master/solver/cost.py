@@ -188,7 +188,7 @@ def efficiency_of(device: DeviceProfile, request: PlacementRequest) -> EngineEff
     # Devices the named engine cannot run on never reach the solver (select_devices); the
     # fallback only costs the hypothetical devices of explanations, for their memory caps.
     engine = engine_for(device.kind, request) or request.engine or request.cpu_engine
-    return request.params.efficiency(engine, device.kind)
+    return request.params.efficiency(engine, device.kind, device.cpu_kernels)
 
 
 def device_terms(

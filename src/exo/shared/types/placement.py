@@ -7,6 +7,7 @@ from pydantic import Field, model_validator
 from exo.shared.types.base import Frozen
 from exo.shared.types.engines import ENGINE_DEVICE_KINDS, EngineName
 from exo.shared.types.ids import ModelId, NodeId
+from exo.shared.types.telemetry import CpuKernels
 from exo.shared.types.topology import DeviceId, DeviceKind
 
 # latency: minimise single-stream time per token; throughput: minimise the bottleneck stage.
@@ -35,6 +36,9 @@ class EngineEfficiency(Frozen):
     # matmul): above 1 where the engine's quantized kernels beat that matmul. None: the
     # cost model's `compute_efficiency`.
     compute_fraction: float | None = Field(default=None, gt=0)
+    # CPUs: the kernel variant this entry was measured with; None: any (an entry for the
+    # device's own variant, where there is one, comes first).
+    cpu_kernels: CpuKernels | None = None
     source: str = ""
 
 
@@ -51,6 +55,18 @@ DEFAULT_ENGINE_EFFICIENCY: tuple[EngineEfficiency, ...] = (
         compute_fraction=1.5,
         source="compiled decode, our kernels: 31.4 GB/s of 45.7; 4.19 ms a step; 225.8 "
         "tokens/s via generate; prefill of 512 tokens 331 ms (329 GFLOP/s, figure 196-227)",
+    ),
+    # Our kernels' AVX2 variant (a 2-core EPYC without AVX-512): decode as above, prefill not.
+    EngineEfficiency(
+        engine="torch",
+        kind="cpu",
+        cpu_kernels="avx2",
+        bandwidth_fraction=0.686,
+        layer_overhead_s=0.000037,
+        token_overhead_s=0.00024,
+        compute_fraction=0.55,
+        source="AVX2 variant: a decode step 9.70 ms against 9.43 predicted with the entry "
+        "above; prefill of 512 tokens 1112 ms (97 GFLOP/s, figure 176.7)",
     ),
     EngineEfficiency(
         engine="mlx",
@@ -88,10 +104,16 @@ class CostParams(Frozen):
     # Per engine and device kind: the share of the bandwidth roofline and fixed costs.
     engine_efficiency: tuple[EngineEfficiency, ...] = DEFAULT_ENGINE_EFFICIENCY
 
-    def efficiency(self, engine: EngineName, kind: DeviceKind) -> EngineEfficiency:
-        for entry in self.engine_efficiency:
-            if entry.engine == engine and entry.kind == kind:
-                return entry
+    def efficiency(
+        self, engine: EngineName, kind: DeviceKind, cpu_kernels: CpuKernels | None = None
+    ) -> EngineEfficiency:
+        """The entry for this engine on this kind of device: the one measured with the
+        device's kernel variant if any, else the one for any variant."""
+        entries = [e for e in self.engine_efficiency if e.engine == engine and e.kind == kind]
+        for wanted in (cpu_kernels, None) if cpu_kernels is not None else (None,):
+            for entry in entries:
+                if entry.cpu_kernels == wanted:
+                    return entry
         return EngineEfficiency(
             engine=engine,
             kind=kind,

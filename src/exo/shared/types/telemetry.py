@@ -20,6 +20,11 @@ DeviceKind = Literal["cpu", "cuda", "metal"]
 # - "unknown": neither (the value is 0 and placement must treat the device as unrated).
 FigureSource = Literal["spec_table", "measured", "unknown"]
 
+# The variant of our quantized CPU kernels (engines/torch/kernels) a CPU runs: AVX512-VNNI
+# (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd: ~3x slower prefill), or neither (torch's own
+# kernels). Placement costs a torch CPU stage by it.
+CpuKernels = Literal["avx512-vnni", "avx2", "none"]
+
 # "ok": readable; "error": the last reading failed (transient or unsupported);
 # "lost": the driver reports the device gone (NVML_ERROR_GPU_IS_LOST and friends).
 DeviceStatus = Literal["ok", "error", "lost"]
@@ -52,6 +57,8 @@ class DeviceSpec(Frozen):
     # (fp16/bf16 tensor cores for NVIDIA, fp32 GPU ALUs for Apple, fp32 for a CPU).
     compute: PerfFigure
     cores: int | None = Field(default=None, ge=1)
+    # CPUs: which kernel variant it runs (None: not known, e.g. off Linux, or another kind).
+    cpu_kernels: CpuKernels | None = None
     compute_capability: str | None = None
     pcie_max_generation: int | None = Field(default=None, ge=1)
     pcie_max_width: int | None = Field(default=None, ge=1)

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from exo.shared.types.base import Frozen
 from exo.shared.types.ids import NodeId
+from exo.shared.types.telemetry import CpuKernels
 
 # A device is unique across the cluster, e.g. "node-a/cuda:0" (placement never parses it).
 DeviceId = NewType("DeviceId", str)
@@ -30,6 +31,8 @@ class DeviceProfile(Frozen):
     memory_bandwidth_bytes_per_s: float = Field(gt=0)
     # Dense 16-bit matmul throughput.
     compute_flops: float = Field(gt=0)
+    # CPUs: the variant of our quantized kernels it runs (telemetry's `DeviceSpec`).
+    cpu_kernels: CpuKernels | None = None
 
 
 class LinkProfile(Frozen):

@@ -17,6 +17,7 @@ import psutil
 from loguru import logger
 
 from exo.shared.types.telemetry import DeviceMetrics, DeviceSpec, PerfFigure
+from exo.worker.cpu_features import cpu_flags, kernels_for
 from exo.worker.telemetry.nvml import Nvml, NvmlError, NvmlStatic
 from exo.worker.telemetry.profiler import Benchmark, Measurement
 from exo.worker.telemetry.specs import lookup
@@ -80,6 +81,7 @@ class CpuSource:
                 memory_bandwidth=UNKNOWN,
                 compute=UNKNOWN,
                 cores=psutil.cpu_count(logical=True) or 1,
+                cpu_kernels=kernels_for(cpu_flags()),
             )
         ]
 

@@ -30,6 +30,8 @@ import torch
 from loguru import logger
 from torch import Tensor
 
+from exo.worker.cpu_features import cpu_flags, kernels_for
+
 # "torch" keeps torch's int4 kernel and SDPA; "ours" (or unset) uses ours where they build,
 # "avx2" ours in their AVX2 variants only.
 KERNEL_ENV = "EXO_TORCH_CPU_KERNELS"
@@ -37,8 +39,6 @@ _SOURCES = [
     Path(__file__).parent / "kernels" / "qmm.cpp",
     Path(__file__).parent / "kernels" / "decode_attention.cpp",
 ]
-# What the AVX2 variant needs; the AVX-512 one is chosen at run time where the CPU has it.
-_CPU_FLAGS = ("avx2", "fma", "f16c")
 # Each kernel function names its instruction set (`target` attributes): no -m flags, so
 # the extension loads on any x86-64 CPU and picks its variant there.
 _CFLAGS = ["-O3"]
@@ -56,15 +56,8 @@ _forced_avx2 = False
 
 
 def _cpu_has_avx2() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return all(flag in flags for flag in _CPU_FLAGS)
-    return False
+    # What the AVX2 variant needs; the AVX-512 one is chosen at run time where the CPU has it.
+    return kernels_for(cpu_flags()) in ("avx2", "avx512-vnni")
 
 
 def _build_directory() -> Path | None:
