@@ -45,28 +45,26 @@ class EngineEfficiency(Frozen):
 # The built-in model (SmolLM2-135M) on the 2-core development VM (AMD EPYC, AVX-512),
 # against the bandwidth figure telemetry reports for that CPU (a numpy copy, ~28 GB/s), by
 # `bench/placement/calibrate.py`: docs/placement.md, "Calibration".
+_TORCH_CPU = EngineEfficiency(
+    engine="torch",
+    kind="cpu",
+    bandwidth_fraction=0.686,
+    layer_overhead_s=0.000037,
+    token_overhead_s=0.00024,
+    compute_fraction=1.5,
+    source="compiled decode, our kernels: 31.4 GB/s of 45.7; 4.19 ms a step; 225.8 "
+    "tokens/s via generate; prefill of 512 tokens 331 ms (329 GFLOP/s, figure 196-227)",
+)
 DEFAULT_ENGINE_EFFICIENCY: tuple[EngineEfficiency, ...] = (
-    EngineEfficiency(
-        engine="torch",
-        kind="cpu",
-        bandwidth_fraction=0.686,
-        layer_overhead_s=0.000037,
-        token_overhead_s=0.00024,
-        compute_fraction=1.5,
-        source="compiled decode, our kernels: 31.4 GB/s of 45.7; 4.19 ms a step; 225.8 "
-        "tokens/s via generate; prefill of 512 tokens 331 ms (329 GFLOP/s, figure 196-227)",
-    ),
+    _TORCH_CPU,
     # Our kernels' AVX2 variant (a 2-core EPYC without AVX-512): decode as above, prefill not.
-    EngineEfficiency(
-        engine="torch",
-        kind="cpu",
-        cpu_kernels="avx2",
-        bandwidth_fraction=0.686,
-        layer_overhead_s=0.000037,
-        token_overhead_s=0.00024,
-        compute_fraction=0.55,
-        source="AVX2 variant: a decode step 9.70 ms against 9.43 predicted with the entry "
-        "above; prefill of 512 tokens 1112 ms (97 GFLOP/s, figure 176.7)",
+    _TORCH_CPU.model_copy(
+        update={
+            "cpu_kernels": "avx2",
+            "compute_fraction": 0.55,
+            "source": "AVX2 variant: a decode step 9.70 ms against 9.43 predicted with the "
+            "AVX-512 entry; prefill of 512 tokens 1112 ms (97 GFLOP/s, figure 176.7)",
+        }
     ),
     EngineEfficiency(
         engine="mlx",
