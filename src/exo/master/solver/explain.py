@@ -102,8 +102,8 @@ def _caps_of(problem: Problem, device: DeviceProfile) -> tuple[int, int]:
 
 def _new_device(problem: Problem) -> DeviceProfile:
     # A new GPU: torch holds a quantized model's weights in bfloat16 there (~3.6x a 4-bit
-    # checkpoint), which outweighs a torch CPU runner's larger fixed overhead (1 GiB against
-    # 768 MiB) for any model past ~100 MB: the answer holds for any kind.
+    # checkpoint), so the answer covers Metal and most CPUs too. Not every CPU running torch:
+    # its KV cache is float32 (twice CUDA's) and its fixed overhead 1 GiB against 768 MiB.
     return problem.devices[0].device.model_copy(update={"kind": "cuda"})
 
 
