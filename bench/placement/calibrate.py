@@ -58,6 +58,10 @@ FIRST_STAGES = (6, 12, 18, 24)
 GREEDY = SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0)
 
 
+# The variant of our CPU kernels this CPU runs (telemetry reports the same).
+KERNELS = kernels_for(cpu_flags())
+
+
 def _noop(_: float) -> None:
     return None
 
@@ -148,7 +152,7 @@ def this_cpu(bandwidth: float, compute: float = 1e11) -> ClusterView:
         memory_free_bytes=8 << 30,
         memory_bandwidth_bytes_per_s=bandwidth,
         compute_flops=compute,
-        cpu_kernels=kernels_for(cpu_flags()),
+        cpu_kernels=KERNELS,
     )
     return ClusterView(devices=(device,))
 
@@ -238,7 +242,7 @@ def main() -> None:
         layer_overhead_s=round(layer_overhead, 6),
         token_overhead_s=round(max(token_overhead, 0.0), 5),
         compute_fraction=round(compute_fraction, 2),
-        cpu_kernels=kernels_for(cpu_flags()) if engine_name == "torch" else None,
+        cpu_kernels=KERNELS if engine_name == "torch" else None,
         source="bench/placement/calibrate.py",
     )
 
@@ -258,7 +262,7 @@ def main() -> None:
         )
     print(f"fit over first stages: {slope * 1e6:.0f} us per layer + {intercept * 1e3:.2f} ms")
     print(f"fitted: {fitted.model_dump_json()}")
-    used = problem.request.params.efficiency(engine_name, "cpu", kernels_for(cpu_flags()))
+    used = problem.request.params.efficiency(engine_name, "cpu", KERNELS)
     print(f"in use: {used.model_dump_json()}")
     print()
     print("| | predicted | measured (best) | error | measured (median) |")

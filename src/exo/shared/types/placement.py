@@ -108,7 +108,7 @@ class CostParams(Frozen):
         """The entry for this engine on this kind of device: the one measured with the
         device's kernel variant if any, else the one for any variant."""
         entries = [e for e in self.engine_efficiency if e.engine == engine and e.kind == kind]
-        for wanted in (cpu_kernels, None) if cpu_kernels is not None else (None,):
+        for wanted in dict.fromkeys((cpu_kernels, None)):  # the device's variant, then any
             for entry in entries:
                 if entry.cpu_kernels == wanted:
                     return entry
