@@ -52,7 +52,7 @@ from exo.routing.mesh.wire import (
     derive_cluster_key,
     public_cluster_key,
 )
-from exo.shared.listen import listen_error
+from exo.shared.listen import listen_error, serve_connections
 from exo.shared.types.base import Frozen
 from exo.shared.types.ids import NodeId
 
@@ -310,7 +310,7 @@ class Mesh:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(listener.serve, self._handle_incoming)
+                tg.start_soon(serve_connections, listener, self._handle_incoming)
                 tg.start_soon(self._watch_gone_peers)
                 for address in sorted(self._addresses):
                     tg.start_soon(self._dial_loop, address)

@@ -16,6 +16,7 @@ import anyio
 from anyio.abc import SocketStream, TaskStatus
 from loguru import logger
 
+from exo.shared.listen import serve_connections
 from exo.shared.types.events import LinkProfileMeasured
 from exo.shared.types.ids import NodeId
 from exo.shared.types.telemetry import LinkProfile
@@ -71,7 +72,7 @@ class LinkProber:
         port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
         task_status.started(port)
         async with listener:
-            await listener.serve(self._answer)
+            await serve_connections(listener, self._answer)
 
     async def _answer(self, stream: SocketStream) -> None:
         async with stream:
