@@ -340,6 +340,25 @@ async def test_secret_and_no_secret_do_not_connect(warnings: list[str]) -> None:
         assert sum("cannot connect" in w for w in warnings) <= 2
 
 
+async def test_nodes_of_different_builds_do_not_connect_and_say_so(warnings: list[str]) -> None:
+    """Another message schema (another exo build) would make every frame malformed to one
+    side: the handshake refuses it, with one line per dialled address."""
+    async with nodes() as ns:
+        a, b = mesh(A, schema_fingerprint="00aa00aa00aa00aa"), mesh(B)
+        port_a = await ns.start(a)
+        port_b = await ns.start(b)
+        b.add_peer("127.0.0.1", port_a)
+        a.add_peer("127.0.0.1", port_b)
+        await anyio.sleep(0.8)
+        assert a.peers() == {} and b.peers() == {}
+        dialled = [w for w in warnings if "cannot connect" in w]
+        assert 1 <= len(dialled) <= 2, dialled
+        assert all(
+            "another build of exo" in w and "00aa00aa00aa00aa" in w and "same exo version" in w
+            for w in dialled
+        ), dialled
+
+
 async def test_an_unauthenticated_client_gets_no_messages_in(warnings: list[str]) -> None:
     async with nodes() as ns:
         a, b = await pair(ns, secret=SECRET)
@@ -419,6 +438,7 @@ async def test_bad_input_closes_only_that_connection(warnings: list[str]) -> Non
         for field, value, reason in (
             ("namespace", "other-cluster", "namespace"),
             ("protocol_version", PROTOCOL_VERSION + 1, "version"),
+            ("schema_fingerprint", "0123456789abcdef", "schema"),
         ):
             before = len(warnings)
             stream = await anyio.connect_tcp("127.0.0.1", port)
@@ -526,6 +546,7 @@ def identity(node_id: NodeId, *, key: bytes, authenticated: bool) -> LocalIdenti
         namespace=NS,
         instance="raw-client",
         listen_port=0,
+        schema_fingerprint="",
         key=key,
         authenticated=authenticated,
     )
@@ -539,6 +560,7 @@ def hello_bytes(node_id: NodeId, *, authenticated: bool) -> bytes:
             namespace=NS,
             instance="raw-client",
             listen_port=0,
+            schema_fingerprint="",
             nonce="00" * 32,
             authenticated=authenticated,
         )

@@ -322,6 +322,10 @@ def main(argv: list[str] | None = None) -> None:
         if mistake is not None:  # one clear line, no traceback
             logger.error(str(mistake))
             sys.exit(2)
+        stored = _unusable_log(exc)
+        if stored is not None:
+            logger.error(_unusable_log_advice(stored, config.cluster_dir))
+            sys.exit(2)
         storage = _storage_failure(exc)
         if storage is not None:
             logger.error(
@@ -341,6 +345,32 @@ def _operator_mistake(exc: BaseException) -> Exception | None:
     from exo.shared.listen import ListenError
 
     return _find(exc, (IdentityError, EventLogBusy, ListenError))
+
+
+def _unusable_log(exc: BaseException) -> Exception | None:
+    """The node's stored log is damaged, or was written by a version of exo this one
+    cannot read: the node will not start on it (replaying past it would lose events)."""
+    from exo.shared.eventlog import EventLogCorrupt, EventLogUnreadable
+
+    return _find(exc, (EventLogCorrupt, EventLogUnreadable))
+
+
+def _unusable_log_advice(exc: Exception, cluster_dir: Path) -> str:
+    """One line: what is wrong, and how to start afresh without losing the evidence."""
+    from exo.shared.eventlog import EventLogCorrupt, EventLogUnreadable
+
+    path = exc.path if isinstance(exc, (EventLogCorrupt, EventLogUnreadable)) else cluster_dir
+    move = cluster_dir if path.is_relative_to(cluster_dir) else path
+    cause = (
+        "Run the version of exo that wrote it, or start"
+        if isinstance(exc, EventLogUnreadable)
+        else "Replaying past damage would lose events. Start"
+    )
+    return (
+        f"exo cannot start: {exc}. {cause} this node's log afresh: move it aside "
+        f"(mv {move} {move}.old) and start exo again; it then rejoins its cluster from its "
+        "peers, which hold the cluster's log (alone, it founds a new one)."
+    )
 
 
 def _storage_failure(exc: BaseException) -> Exception | None:

@@ -23,7 +23,7 @@ from exo.api.app import create_app
 from exo.api.server import serve_http
 from exo.api.settings import ApiSettings
 from exo.cluster.replace import Replacer
-from exo.cluster.service import ClusterService
+from exo.cluster.service import ClusterService, wire_schema_fingerprint
 from exo.cluster.store import ClusterStore
 from exo.config import NodeConfig
 from exo.identity import load_or_create_node_id
@@ -96,6 +96,7 @@ class Node:
                     host=config.mesh_host,
                     port=config.mesh_port,
                     secret=config.secret,
+                    schema_fingerprint=wire_schema_fingerprint(),
                 )
             )
             self._engine: EngineName = _default_engine(config.engine)

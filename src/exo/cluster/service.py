@@ -13,6 +13,7 @@ reaches (or reaches none), it founds one. Peers tell each other their cluster an
 peers' addresses on connect (`cluster.hello`), so one `--peer` is enough to find all.
 """
 
+import functools
 import math
 import random
 import time
@@ -29,8 +30,10 @@ from pydantic import Field, ValidationError
 from exo.cluster.store import ClusterStore
 from exo.routing import topics
 from exo.routing.consensus import ConsensusConfig, ConsensusNode, Decider, Packet, Ready
-from exo.routing.mesh import Mesh, MeshError, PeerUnavailable, TopicMessage
+from exo.routing.consensus.messages import Snapshot
+from exo.routing.mesh import Mesh, MeshError, PeerUnavailable, TopicMessage, WireMessage
 from exo.routing.router import Router
+from exo.shared.schema_fingerprint import fingerprint
 from exo.shared.types.base import Frozen
 from exo.shared.types.cluster import ClusterStatus
 from exo.shared.types.commands import CommandEnvelope, CommandReply
@@ -58,6 +61,14 @@ class ClusterHello(Frozen):
     peers: tuple[PeerAddress, ...] = Field(max_length=1024)
     # Where this node answers link probes (telemetry), if it does.
     probe_port: int | None = Field(default=None, gt=0, lt=65536)
+
+
+@functools.cache
+def wire_schema_fingerprint() -> str:
+    """What a peer parses from this node: the mesh's frames (consensus packets carry the
+    events and commands), the snapshot inside `InstallSnapshot`, and the topics' payloads.
+    Nodes of a cluster must agree on it (`MeshConfig.schema_fingerprint`)."""
+    return fingerprint(WireMessage, Snapshot, ClusterHello, topics.AddressedStream)
 
 
 class StorageFailed(RuntimeError):

@@ -13,13 +13,14 @@ node. `restored()` reads it back after a restart. Layout under the directory:
 
 import threading
 from pathlib import Path
+from typing import TypeVar
 
 from loguru import logger
 from pydantic import TypeAdapter, ValidationError
 
 from exo.routing.consensus import HardState, Membership, Ready, Restored, Snapshot
 from exo.shared.apply import apply
-from exo.shared.eventlog import EventLogCorrupt, EventLogFile
+from exo.shared.eventlog import EventLogCorrupt, EventLogFile, EventLogUnreadable
 from exo.shared.eventlog.durable import atomic_write
 from exo.shared.types.events import IndexedEvent
 from exo.shared.types.ids import NodeId
@@ -27,8 +28,20 @@ from exo.shared.types.state import State
 
 _ENTRY = TypeAdapter(IndexedEvent)
 _STATE = TypeAdapter(State)
+_SNAPSHOT = TypeAdapter(Snapshot)
+_T = TypeVar("_T")
 LOG_NAME = "raft.log"
 HARD_STATE_NAME = "hardstate.json"
+
+
+def _parse(adapter: TypeAdapter[_T], payload: bytes, path: Path, index: int) -> _T:
+    """A stored record, or `EventLogUnreadable` when this build cannot parse it."""
+    try:
+        return adapter.validate_json(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the record"
+        raise EventLogUnreadable(path, index, f"{where}: {first['msg']}") from None
 
 
 class ClusterStore:
@@ -65,8 +78,8 @@ class ClusterStore:
             snapshot = self._load_snapshot()
             start = self._log.first_index if snapshot is None else snapshot.index + 1
             entries = [
-                _ENTRY.validate_json(payload)
-                for _index, payload in self._log.replay(max(start, self._log.first_index))
+                _parse(_ENTRY, payload, self._log.path, index)
+                for index, payload in self._log.replay(max(start, self._log.first_index))
             ]
             return Restored(hard_state=self._hard, snapshot=snapshot, entries=entries)
 
@@ -75,7 +88,7 @@ class ClusterStore:
         if loaded is None:
             return None
         _index, payload = loaded
-        return Snapshot.model_validate_json(payload)
+        return _parse(_SNAPSHOT, payload, self._log.snapshot_path, -1)
 
     def read_range(self, start: int, end: int) -> list[IndexedEvent]:
         """Held entries with start <= index < end (compacted ones are gone)."""
@@ -132,10 +145,10 @@ class ClusterStore:
                 state = State()
                 loaded = old.load_snapshot()
                 if loaded is not None:
-                    state = _STATE.validate_json(loaded[1])
+                    state = _parse(_STATE, loaded[1], old.snapshot_path, -1)
                 start = max(state.last_index + 1, old.first_index)
-                for _index, payload in old.replay(start):
-                    state = apply(state, _ENTRY.validate_json(payload))
+                for index, payload in old.replay(start):
+                    state = apply(state, _parse(_ENTRY, payload, old_log, index))
             if state.last_index < 0:
                 return False
             members = Membership(voters={node_id: 0})

@@ -88,6 +88,9 @@ class MeshConfig(Frozen):
     # 0 picks a free port (see `Mesh.port` once started).
     port: int = Field(default=DEFAULT_MESH_PORT, ge=0, lt=65536)
     secret: str | None = Field(default=None, repr=False)
+    # The fingerprint (`exo.shared.schema_fingerprint`) of the messages this mesh's user
+    # sends inside its frames: a peer with another one is refused in the handshake.
+    schema_fingerprint: str = Field(default="", pattern=r"^[0-9a-f]{0,64}$")
     # Largest payload (JSON) of one frame; the receiver refuses a longer length prefix
     # before reading it. Must be the same on every node.
     max_frame_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
@@ -293,6 +296,7 @@ class Mesh:
             namespace=self.config.namespace,
             instance=self._instance,
             listen_port=self._port or 0,
+            schema_fingerprint=self.config.schema_fingerprint,
             key=self._key,
             authenticated=self._authenticated,
         )

@@ -14,7 +14,8 @@ from exo.routing.consensus.messages import Packet
 from exo.shared.types.base import Frozen
 from exo.shared.types.ids import NodeId
 
-PROTOCOL_VERSION = 1
+# 2: the hello carries the schema fingerprint of the messages inside the frames.
+PROTOCOL_VERSION = 2
 MAGIC = "exo-mesh"
 NONCE_BYTES = 32
 # What a node id / namespace may look like on the wire (also keeps log lines clean).
@@ -66,6 +67,7 @@ MeshMessage = Packet | TopicMessage
 RejectReason = Literal[
     "malformed",  # not an exo mesh handshake
     "version",  # another protocol version
+    "schema",  # another message schema: another build of exo
     "namespace",  # another cluster namespace
     "auth_mismatch",  # one side has a cluster secret, the other not
     "auth_failed",  # wrong secret (bad proof)
@@ -84,6 +86,9 @@ class Hello(Frozen):
     # Random per process: tells a restarted peer from a duplicate connection.
     instance: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     listen_port: int = Field(ge=0, lt=65536)
+    # `exo.shared.schema_fingerprint` of what travels inside the frames (the mesh's user
+    # says what that is); peers must agree, or every frame would be malformed to one side.
+    schema_fingerprint: str = Field(pattern=r"^[0-9a-f]{0,64}$")
     # NONCE_BYTES random bytes, hex.
     nonce: str = Field(pattern=rf"^[0-9a-f]{{{2 * NONCE_BYTES}}}$")
     authenticated: bool

@@ -172,6 +172,7 @@ class LocalIdentity:
     namespace: str
     instance: str
     listen_port: int
+    schema_fingerprint: str
     # `derive_cluster_key(secret, namespace)` with a secret, else `public_cluster_key(namespace)`.
     key: bytes
     authenticated: bool
@@ -233,6 +234,7 @@ class Handshake:
             namespace=local.namespace,
             instance=local.instance,
             listen_port=local.listen_port,
+            schema_fingerprint=local.schema_fingerprint,
             nonce=secrets.token_hex(NONCE_BYTES),
             authenticated=local.authenticated,
         )
@@ -251,6 +253,12 @@ class Handshake:
             return "namespace", (
                 f"{peer.node_id} is in cluster namespace {peer.namespace!r}, "
                 f"{local.node_id} in {local.namespace!r}"
+            )
+        if peer.schema_fingerprint != local.schema_fingerprint:
+            return "schema", (
+                f"{peer.node_id} runs another build of exo than {local.node_id} (message "
+                f"schema {peer.schema_fingerprint or '-'} against {local.schema_fingerprint or '-'}"
+                "): run the same exo version on every node"
             )
         if peer.authenticated != local.authenticated:
             with_secret, without = (

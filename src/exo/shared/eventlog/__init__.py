@@ -31,6 +31,7 @@ from exo.shared.eventlog.errors import (
     EventLogCorrupt,
     EventLogError,
     EventLogGap,
+    EventLogUnreadable,
     EventLogWriteError,
 )
 from exo.shared.eventlog.framing import MAX_PAYLOAD_BYTES
@@ -45,5 +46,6 @@ __all__ = [
     "EventLogError",
     "EventLogFile",
     "EventLogGap",
+    "EventLogUnreadable",
     "EventLogWriteError",
 ]

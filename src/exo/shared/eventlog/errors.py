@@ -17,6 +17,18 @@ class EventLogCorrupt(EventLogError):
         self.reason = reason
 
 
+class EventLogUnreadable(EventLogError):
+    """A record is whole (its checksum holds) but this build cannot parse it: another
+    version of exo wrote it. Skipping it would lose events, so the log is refused."""
+
+    def __init__(self, path: Path, index: int, reason: str) -> None:
+        what = "the snapshot" if index < 0 else f"record {index}"
+        super().__init__(f"{path}: {what} is not readable by this version of exo: {reason}")
+        self.path = path
+        self.index = index
+        self.reason = reason
+
+
 class EventLogGap(EventLogError):
     """An append whose index is not exactly the next one; the caller must fetch the missing range."""
 
