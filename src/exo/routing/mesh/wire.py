@@ -197,8 +197,8 @@ class Handshake:
     Responder:  `hs = await Handshake.respond(...)` (got Hello, proofs verified);
                 caller decides; `session = await hs.accept()` or `await hs.refuse()`.
 
-    I -> R  Hello(node, namespace, version, instance, nonce_i, authenticated)
-    R -> I  Hello(... nonce_r ...)        [R refuses with Reject on version/namespace/auth]
+    I -> R  Hello(node, namespace, version, schema, instance, nonce_i, authenticated)
+    R -> I  Hello(... nonce_r ...)        [R refuses with Reject on version/namespace/schema/auth]
     R -> I  Proof(HMAC(K, "responder" | T))
     I -> R  Proof(HMAC(K, "initiator" | T))
     R -> I  Accept | Reject(duplicate, ...)
