@@ -150,6 +150,18 @@ def test_votes_go_only_to_a_log_at_least_as_complete() -> None:
     assert isinstance(reply, VoteResponse) and not reply.granted
 
 
+def test_a_node_that_is_no_voter_by_its_own_log_votes_for_nobody() -> None:
+    """A node whose log was moved aside restarts with its old id and an empty log: it may
+    have voted in the candidate's term already, so it must not vote again."""
+    fresh = _node(B)
+    ask = VoteRequest(term=3, last_log_index=5, last_log_term=2, seniority=0, pre_vote=False)
+    fresh.receive(_packet(C, B, ask))
+    ready = fresh.ready()
+    reply = ready.messages[0].message
+    assert isinstance(reply, VoteResponse) and not reply.granted
+    assert fresh.voted_for is None
+
+
 def test_a_pre_vote_raises_no_term_and_a_live_master_keeps_its_followers() -> None:
     follower = _node(B, _restored(term=2, last=5))
     ask = VoteRequest(term=3, last_log_index=5, last_log_term=2, seniority=0, pre_vote=True)

@@ -421,7 +421,11 @@ class ConsensusNode:
                 ),
             )
             return
-        grant = complete and self.voted_for in (None, sender) and self.role != "leader"
+        # Only a voter by its own log votes. A node that has never joined has nothing to
+        # vote with, and one that lost its disk (its log moved aside) may already have voted
+        # in this term: refusing is always safe, a second vote is not.
+        voter = self.node_id in self.members.voters
+        grant = complete and voter and self.voted_for in (None, sender) and self.role != "leader"
         if grant:
             self.voted_for = sender
             self._hard_dirty = True
