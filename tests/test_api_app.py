@@ -1178,7 +1178,7 @@ async def test_wrong_method_on_an_api_path_is_405(tmp_path: Path) -> None:
             instance = await client.put("/instances/abc")
             state = await client.post("/state", json={})
             missing = await client.get("/v1/nothing")
-            legacy = await client.post("/v1/completions", json={"prompt": "hi"})
+            legacy = await client.post("/v1/embeddings", json={"input": "hi"})
         body = assert_openai_error(chat, 405, "method_not_allowed")
         assert body["message"] == "GET is not allowed on /v1/chat/completions; use POST."
         assert chat.headers["allow"] == "POST"
@@ -1189,4 +1189,4 @@ async def test_wrong_method_on_an_api_path_is_405(tmp_path: Path) -> None:
         assert_openai_error(missing, 404, "not_found")
         # Not "method not allowed" (the dashboard's files take every path but for GET only).
         body = assert_openai_error(legacy, 404, "not_found")
-        assert body["message"].startswith("There is no POST /v1/completions;")
+        assert body["message"].startswith("There is no POST /v1/embeddings;")

@@ -15,16 +15,19 @@ from exo.api.errors import (
     model_not_found,
 )
 from exo.api.generation import pick_instance, task_health, view_instance
-from exo.api.openai_types import ChatCompletionRequest
+from exo.api.openai_types import ChatCompletionRequest, CompletionRequest
 from exo.api.settings import ApiSettings
 from exo.api.translate import (
     SSE_DONE,
     ChunkBuilder,
+    TextChunkBuilder,
     chat_completion,
     chat_params,
+    completion_params,
     model_list,
     sse_comment,
     sse_data,
+    text_completion,
 )
 from exo.shared.types.chat import ChatMessage, ChatParams, SamplingParams
 from exo.shared.types.commands import CommandRejected, RejectionCode
@@ -254,6 +257,93 @@ def test_tool_choice_none_is_fine() -> None:
 def test_user_message_without_content_is_400() -> None:
     err = api_error(messages=[{"role": "user"}])
     assert (err.status, err.param) == (400, "messages[0].content")
+
+
+# --- text completions (/v1/completions) ---------------------------------------------------
+
+
+def text_request(**fields: Any) -> CompletionRequest:
+    body = {"model": CARD.model_id, "prompt": "Once upon a time", **fields}
+    return CompletionRequest.model_validate_json(json.dumps(body))
+
+
+def text_error(**fields: Any) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        completion_params(text_request(**fields), CARD)
+    return caught.value
+
+
+def test_a_text_completion_carries_the_raw_prompt_and_openais_defaults() -> None:
+    p = completion_params(text_request(), CARD)
+    assert p.prompt == "Once upon a time" and p.messages == ()
+    assert p.sampling == SamplingParams(max_tokens=16, temperature=1.0, top_p=1.0)
+    listed = completion_params(text_request(prompt=["Hi"], max_tokens=5, temperature=0), CARD)
+    assert listed.prompt == "Hi"
+    assert (listed.sampling.max_tokens, listed.sampling.temperature) == (5, 0.0)
+    stops = completion_params(text_request(stop=["\n", "\n"], seed=-1), CARD).sampling
+    assert stops.stop == ("\n",) and stops.seed == 2**63 - 1
+
+
+def test_a_generation_takes_messages_or_a_prompt_exactly() -> None:
+    sampling = SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0)
+    with pytest.raises(ValidationError, match="either messages or a prompt"):
+        ChatParams(sampling=sampling)
+    with pytest.raises(ValidationError, match="either messages or a prompt"):
+        ChatParams(
+            messages=(ChatMessage(role="user", content="hi"),), prompt="hi", sampling=sampling
+        )
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"prompt": ""}, "prompt", "invalid_value"),
+        ({"prompt": [1, 2, 3]}, "prompt", "unsupported_feature"),
+        ({"prompt": [[1, 2], [3]]}, "prompt", "unsupported_feature"),
+        ({"prompt": ["a", "b"]}, "prompt", "unsupported_feature"),
+        ({"prompt": []}, "prompt", "unsupported_feature"),
+        ({"suffix": "end"}, "suffix", "unsupported_feature"),
+        ({"logprobs": 2}, "logprobs", "unsupported_feature"),
+        ({"best_of": 3}, "best_of", "unsupported_feature"),
+        ({"n": 2}, "n", "unsupported_feature"),
+        ({"max_tokens": 9000}, "max_tokens", "invalid_value"),  # above the context
+    ],
+)
+def test_what_a_text_completion_cannot_do_is_a_clear_400(
+    fields: dict[str, Any], param: str, code: str
+) -> None:
+    err = text_error(**fields)
+    assert (err.status, err.code, err.param) == (400, code, param)
+
+
+def test_text_completion_shapes() -> None:
+    body = text_completion("cmpl-1", "m", 5, "Hello", END).model_dump(mode="json")
+    assert body == {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 5,
+        "model": "m",
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+        "timings": {"time_to_first_token_ms": 40.0, "decode_tokens_per_s": 25.0},
+    }
+    chunks = TextChunkBuilder(completion_id="cmpl-1", model="m", created=5)
+    piece = decode(chunks.content("Hel"))
+    assert piece["object"] == "text_completion" and "usage" not in piece
+    assert piece["choices"] == [
+        {"index": 0, "text": "Hel", "logprobs": None, "finish_reason": None}
+    ]
+    assert decode(chunks.finish(END))["choices"][0] == {
+        "index": 0,
+        "text": "",
+        "logprobs": None,
+        "finish_reason": "length",
+    }
+    counted = TextChunkBuilder(completion_id="c", model="m", created=1, include_usage=True)
+    assert decode(counted.content("x"))["usage"] is None
+    last = decode(counted.usage(END))
+    assert last["choices"] == [] and last["usage"]["total_tokens"] == 15
 
 
 # --- responses ----------------------------------------------------------------------------

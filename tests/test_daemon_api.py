@@ -11,6 +11,7 @@ import openai
 import psutil
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
+from tokenizers import Tokenizer
 
 from tests.conftest import BUILTIN
 from tests.daemon import Daemon
@@ -97,6 +98,48 @@ def test_streaming_matches_non_streaming_greedy(daemon: Daemon) -> None:
     assert finish == whole.choices[0].finish_reason
     assert usage is not None
     assert usage.completion_tokens == (whole.usage.completion_tokens if whole.usage else -1)
+
+
+def test_text_completions_take_the_raw_prompt(daemon: Daemon) -> None:
+    """/v1/completions: the prompt as it is (no chat template: its tokens are the usage's
+    prompt tokens), OpenAI's default of 16 tokens, streaming equal to whole, echo, and a
+    clear 400 for what it does not do."""
+    c = client(daemon)
+    prompt = "Once upon a time, in a small village,"
+    tokenizer_file = daemon.home / "cache" / "models" / BUILTIN / "tokenizer.json"
+    prompt_ids = Tokenizer.from_file(str(tokenizer_file)).encode(prompt).ids
+    whole = c.completions.create(model=BUILTIN, prompt=prompt, temperature=0.0)
+    assert whole.object == "text_completion"
+    assert whole.usage is not None and whole.usage.prompt_tokens == len(prompt_ids)
+    assert 0 < whole.usage.completion_tokens <= 16
+    text = whole.choices[0].text
+    assert text.strip()
+    parts: list[str] = []
+    usage = None
+    finish = None
+    for chunk in c.completions.create(
+        model=BUILTIN,
+        prompt=[prompt],
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            parts.append(choice.text)
+            finish = choice.finish_reason or finish
+    assert "".join(parts) == text
+    assert finish == whole.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+    echoed = c.completions.create(model=BUILTIN, prompt=prompt, temperature=0.0, echo=True)
+    assert echoed.choices[0].text == prompt + text
+    streamed_echo = c.completions.create(
+        model=BUILTIN, prompt=prompt, temperature=0.0, echo=True, max_tokens=4, stream=True
+    )
+    assert "".join(ch.choices[0].text for ch in streamed_echo if ch.choices).startswith(prompt)
+    with pytest.raises(openai.BadRequestError) as caught:
+        c.completions.create(model=BUILTIN, prompt=prompt_ids)
+    assert caught.value.code == "unsupported_feature" and "Token-id prompts" in str(caught.value)
 
 
 def test_seed_and_stop_are_honoured(daemon: Daemon) -> None:

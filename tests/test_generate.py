@@ -179,6 +179,9 @@ class ByteCodec:
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         return [1] * self._prompt_tokens
 
+    def encode_prompt(self, text: str) -> list[int]:
+        return [2] * self._prompt_tokens
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._decode(token_ids)
 

@@ -94,7 +94,8 @@ export interface Task {
   task_id: TaskId;
   instance_id: InstanceId;
   owner: NodeId;
-  params: { messages: ChatMessage[]; sampling: Record<string, unknown> };
+  // A chat (messages) or a text completion (prompt, messages empty).
+  params: { messages: ChatMessage[]; prompt?: string | null; sampling: Record<string, unknown> };
   status: 'pending' | 'running';
   created_at_ms: number;
 }

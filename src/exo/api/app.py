@@ -1,4 +1,4 @@
-"""The HTTP API: OpenAI chat completions, the cluster API, SSE of the event log, the dashboard.
+"""The HTTP API: OpenAI chat and text completions, the cluster API, SSE of the event log, the dashboard.
 
 Everything it knows of the node comes through `ApiBackend`; see docs/api.md for the endpoints.
 """
@@ -34,7 +34,12 @@ from exo.api.generation import (
     wait_applied,
 )
 from exo.api.inbox import Inbox, InboxClosed
-from exo.api.openai_types import AddModelRequest, ChatCompletionRequest, PlaceInstanceRequest
+from exo.api.openai_types import (
+    AddModelRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    PlaceInstanceRequest,
+)
 from exo.api.peer_files import HeldFile, growing_response
 from exo.api.placement import preview_for_state
 from exo.api.responses import EventStreamResponse, SSEChannel, WatchedResponse
@@ -42,10 +47,13 @@ from exo.api.settings import ApiSettings
 from exo.api.translate import (
     SSE_DONE,
     ChunkBuilder,
+    TextChunkBuilder,
     chat_completion,
     chat_params,
+    completion_params,
     model_list,
     model_object,
+    text_completion,
 )
 from exo.models.describe import UnsupportedModel
 from exo.models.hub import HubDenied, HubError, HubNotFound, check_repo_id, is_repo_id
@@ -239,6 +247,55 @@ def create_app(
                 backend, placements, task_id, card.model_id, params, settings, _ignore, collect
             )
             completion = chat_completion(task_id, card.model_id, created, "".join(parts), end)
+            return JSONResponse(completion.model_dump(mode="json"))
+
+        return WatchedResponse(complete)
+
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        openapi_extra=_schema(CompletionRequest),
+        tags=["openai"],
+    )
+    async def completions(request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
+        asked = await _parse_body(request, CompletionRequest, settings.max_request_bytes)
+        card = await _card_or_hub(backend, settings, asked.model)
+        params = completion_params(asked, card)
+        echo = params.prompt if asked.echo and params.prompt is not None else ""
+        task_id = new_task_id()
+        created = int(time.time())
+        if asked.stream:
+            chunks = TextChunkBuilder(
+                completion_id=task_id,
+                model=card.model_id,
+                created=created,
+                include_usage=asked.stream_options is not None
+                and asked.stream_options.include_usage,
+            )
+            return EventStreamResponse(
+                lambda channel: _stream_text(
+                    backend,
+                    placements,
+                    settings,
+                    task_id,
+                    card.model_id,
+                    params,
+                    chunks,
+                    echo,
+                    channel,
+                )
+            )
+
+        async def complete() -> Response:
+            parts: list[str] = [echo]
+
+            async def collect(text: str) -> None:
+                parts.append(text)
+
+            end = await serve_task(
+                backend, placements, task_id, card.model_id, params, settings, _ignore, collect
+            )
+            completion = text_completion(task_id, card.model_id, created, "".join(parts), end)
             return JSONResponse(completion.model_dump(mode="json"))
 
         return WatchedResponse(complete)
@@ -554,6 +611,40 @@ async def _stream_chat(
     await channel.write(chunks.sse(chunks.finish(end)))
     if chunks.include_usage:
         await channel.write(chunks.sse(chunks.usage(end)))
+    await channel.write(SSE_DONE)
+
+
+async def _stream_text(
+    backend: ApiBackend,
+    placements: Placements,
+    settings: ApiSettings,
+    task_id: TaskId,
+    model_id: ModelId,
+    params: ChatParams,
+    chunks: TextChunkBuilder,
+    echo: str,
+    channel: SSEChannel,
+) -> None:
+    async def on_wait(note: str) -> None:
+        await channel.comment(note)
+
+    echoed = not echo  # the prompt goes out with the first text, once the task runs
+
+    async def on_token(text: str) -> None:
+        nonlocal echoed
+        if not echoed:
+            echoed = True
+            text = echo + text
+        await channel.write(chunks.content(text))
+
+    end = await serve_task(
+        backend, placements, task_id, model_id, params, settings, on_wait, on_token
+    )
+    if not echoed:
+        await on_token("")
+    await channel.write(chunks.finish(end))
+    if chunks.include_usage:
+        await channel.write(chunks.usage(end))
     await channel.write(SSE_DONE)
 
 

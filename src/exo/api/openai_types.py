@@ -42,11 +42,11 @@ class ResponseFormat(_Request):
 StopString = Annotated[StrictStr, Field(min_length=1)]
 
 
-class ChatCompletionRequest(_Request):
+class SamplingRequest(_Request):
+    """What chat and text completion requests share: the model and how to sample."""
+
     model: StrictStr
-    messages: list[RequestMessage] = Field(min_length=1)
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
     top_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     seed: StrictInt | None = None
@@ -66,6 +66,11 @@ class ChatCompletionRequest(_Request):
     ) = None
     # Accepted (OpenAI's clients send it); it changes nothing.
     user: StrictStr | None = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[RequestMessage] = Field(min_length=1)
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     # Known, unsupported: rejected with a clear 400 by `translate` when set.
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -74,6 +79,19 @@ class ChatCompletionRequest(_Request):
     response_format: ResponseFormat | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    """OpenAI's (legacy) text completion: a raw prompt, no chat template."""
+
+    # One text (or a list holding one); token-id prompts and batches are rejected by
+    # `translate` with a clear 400.
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    echo: StrictBool = False
+    # Known, unsupported: rejected with a clear 400 by `translate` when set.
+    suffix: StrictStr | None = None
+    logprobs: StrictInt | None = None
+    best_of: StrictInt | None = None
 
 
 class PinnedStageRequest(_Request):
@@ -176,6 +194,28 @@ class ChatCompletion(Frozen):
     choices: tuple[CompletionChoice, ...]
     usage: Usage
     timings: Timings
+
+
+class TextChoice(Frozen):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: OpenAIFinishReason | None
+
+
+class TextCompletion(Frozen):
+    """A text completion, whole or (`choices` holding a piece of text) one streamed chunk;
+    OpenAI uses one shape for both."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: tuple[TextChoice, ...]
+    # Whole: always. Streamed: on the last chunk, when stream_options.include_usage.
+    usage: Usage | None = None
+    timings: Timings | None = Field(default=None, exclude_if=_is_none)
 
 
 class ModelObject(Frozen):

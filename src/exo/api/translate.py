@@ -1,8 +1,9 @@
 """Pure translation between the OpenAI wire shapes and exo's types: no I/O, no clock.
 
 Defaults (documented in docs/api.md):
-- max_tokens: `max_completion_tokens`, else `max_tokens`, else min(1024, context length);
-  a request above the model's context length is a 400.
+- max_tokens: `max_completion_tokens`, else `max_tokens`, else min(1024, context length)
+  (a text completion: `max_tokens`, else 16, as OpenAI's); a request above the model's
+  context length is a 400.
 - temperature 1.0 and top_p 1.0 (OpenAI's defaults); top_p 0 means greedy (temperature 0).
 - seed: any integer, reduced modulo 2**63 so that every engine accepts it.
 """
@@ -18,10 +19,14 @@ from exo.api.openai_types import (
     ChunkChoice,
     ChunkDelta,
     CompletionChoice,
+    CompletionRequest,
     ModelList,
     ModelObject,
     OpenAIFinishReason,
     RequestMessage,
+    SamplingRequest,
+    TextChoice,
+    TextCompletion,
     Timings,
     Usage,
 )
@@ -31,6 +36,8 @@ from exo.shared.types.models import ModelCard
 from exo.shared.types.stream import StreamEnd
 
 DEFAULT_MAX_TOKENS = 1024
+# OpenAI's default for a text completion without max_tokens (clients of that API expect it).
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 SEED_MODULUS = 2**63
@@ -50,10 +57,44 @@ def chat_params(
     """The control-plane request for an OpenAI chat request (raises ApiError 400)."""
     _reject_unsupported(request)
     messages = tuple(_message(m, i) for i, m in enumerate(request.messages))
-    return ChatParams(messages=messages, sampling=_sampling(request, card, default_max_tokens))
+    if request.max_completion_tokens:
+        requested = (request.max_completion_tokens, "max_completion_tokens")
+    else:
+        requested = (request.max_tokens, "max_tokens")
+    sampling = _sampling(request, requested, card, default_max_tokens)
+    return ChatParams(messages=messages, sampling=sampling)
+
+
+def completion_params(request: CompletionRequest, card: ModelCard) -> ChatParams:
+    """The control-plane request for an OpenAI text completion (raises ApiError 400)."""
+    _reject_shared_unsupported(request)
+    prompt = request.prompt
+    if isinstance(prompt, list):
+        if any(not isinstance(p, str) for p in prompt):
+            raise _unsupported("Token-id prompts are not supported; send the text.", "prompt")
+        if len(prompt) != 1:
+            raise _unsupported("Only one prompt per request is supported.", "prompt")
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "prompt must not be empty.", code="invalid_value", param="prompt")
+    if request.suffix:
+        raise _unsupported("suffix (insertion) is not supported.", "suffix")
+    if request.logprobs is not None:
+        raise _unsupported("logprobs are not supported.", "logprobs")
+    if request.best_of not in (None, 1):
+        raise _unsupported("Only best_of=1 is supported.", "best_of")
+    requested = (request.max_tokens, "max_tokens")
+    sampling = _sampling(request, requested, card, COMPLETION_DEFAULT_MAX_TOKENS)
+    return ChatParams(prompt=prompt, sampling=sampling)
+
+
+def _reject_shared_unsupported(request: SamplingRequest) -> None:
+    if request.n is not None and request.n != 1:
+        raise _unsupported("Only n=1 is supported.", "n")
 
 
 def _reject_unsupported(request: ChatCompletionRequest) -> None:
+    _reject_shared_unsupported(request)
     if request.tools or request.functions:
         param = "tools" if request.tools else "functions"
         raise _unsupported("Tool and function calling are not supported by exo.", param)
@@ -61,8 +102,6 @@ def _reject_unsupported(request: ChatCompletionRequest) -> None:
         raise _unsupported("Tool and function calling are not supported by exo.", "tool_choice")
     if request.function_call not in (None, "none"):
         raise _unsupported("Tool and function calling are not supported by exo.", "function_call")
-    if request.n is not None and request.n != 1:
-        raise _unsupported("Only n=1 is supported.", "n")
     if request.response_format is not None and request.response_format.type != "text":
         raise _unsupported(
             f"response_format '{request.response_format.type}' is not supported; only 'text' is.",
@@ -116,10 +155,12 @@ def _message(message: RequestMessage, index: int) -> ChatMessage:
 
 
 def _sampling(
-    request: ChatCompletionRequest, card: ModelCard, default_max_tokens: int
+    request: SamplingRequest,
+    max_tokens_asked: tuple[int | None, str],
+    card: ModelCard,
+    default_max_tokens: int,
 ) -> SamplingParams:
-    requested = request.max_completion_tokens or request.max_tokens
-    param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    requested, param = max_tokens_asked
     if requested is not None and requested > card.context_length:
         raise above_context(param, requested, card.model_id, card.context_length)
     max_tokens = requested or min(default_max_tokens, card.context_length)
@@ -247,6 +288,52 @@ class ChunkBuilder(Frozen):
         """`data: {chunk}` with `"usage": null` on every chunk only when usage was asked for."""
         exclude = None if self.include_usage else {"usage"}
         return sse_data(chunk.model_dump_json(exclude=exclude))
+
+
+def text_completion(
+    completion_id: str, model: str, created: int, text: str, end: StreamEnd
+) -> TextCompletion:
+    return TextCompletion(
+        id=completion_id,
+        created=created,
+        model=model,
+        choices=(TextChoice(text=text, finish_reason=openai_finish_reason(end.finish_reason)),),
+        usage=usage(end),
+        timings=timings(end),
+    )
+
+
+class TextChunkBuilder(Frozen):
+    """The chunks of one streamed text completion: text pieces, then the finish reason,
+    then (when asked for) the usage, on a chunk of no choices, as for chat."""
+
+    completion_id: str
+    model: str
+    created: int
+    include_usage: bool = False
+
+    def _chunk(self, choices: tuple[TextChoice, ...], end: StreamEnd | None = None) -> bytes:
+        chunk = TextCompletion(
+            id=self.completion_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=None if end is None else usage(end),
+            timings=None if end is None else timings(end),
+        )
+        exclude = None if self.include_usage else {"usage"}
+        return sse_data(chunk.model_dump_json(exclude=exclude))
+
+    def content(self, text: str) -> bytes:
+        return self._chunk((TextChoice(text=text, finish_reason=None),))
+
+    def finish(self, end: StreamEnd) -> bytes:
+        return self._chunk(
+            (TextChoice(text="", finish_reason=openai_finish_reason(end.finish_reason)),)
+        )
+
+    def usage(self, end: StreamEnd) -> bytes:
+        return self._chunk((), end)
 
 
 def sse_data(payload: str, event_id: int | None = None) -> bytes:

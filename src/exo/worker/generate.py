@@ -27,6 +27,8 @@ class ChatCodec(Protocol):
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]: ...
 
+    def encode_prompt(self, text: str) -> list[int]: ...
+
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
 
@@ -204,9 +206,12 @@ def prompt_budget(
     tokenizer: ChatCodec, params: ChatParams, context_length: int
 ) -> tuple[list[int], int]:
     """The prompt's token ids and the most tokens it leaves room for (any pipeline stage)."""
-    prompt = tokenizer.encode_chat(params.messages)
+    if params.prompt is not None:
+        prompt = tokenizer.encode_prompt(params.prompt)
+    else:
+        prompt = tokenizer.encode_chat(params.messages)
     if not prompt:
-        raise ValueError("the chat template rendered an empty prompt")
+        raise ValueError("the prompt is empty once tokenized")
     room = context_length - len(prompt)
     if room < 1:
         raise PromptTooLong(len(prompt), context_length)

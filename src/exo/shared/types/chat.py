@@ -1,8 +1,8 @@
 """The generation request as the control plane carries it (already validated by the API)."""
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from exo.shared.types.base import Frozen
 
@@ -38,8 +38,18 @@ class SamplingParams(Frozen):
 
 
 class ChatParams(Frozen):
-    messages: tuple[ChatMessage, ...] = Field(min_length=1)
+    """A chat (`messages`, rendered by the model's chat template) or a raw `prompt` (a text
+    completion, tokenized as it is): exactly one of the two."""
+
+    messages: tuple[ChatMessage, ...] = ()
+    prompt: str | None = Field(default=None, min_length=1)
     sampling: SamplingParams
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Self:
+        if bool(self.messages) == (self.prompt is not None):
+            raise ValueError("a generation takes either messages or a prompt, not both or none")
+        return self
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]

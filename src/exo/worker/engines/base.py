@@ -293,3 +293,8 @@ class ChatTokenizer:
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         return self.encode(self.render_chat(messages))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw prompt (text completion): with the special tokens the tokenizer itself
+        adds to a text (a BOS for the models that want one), as Hugging Face does."""
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
