@@ -346,6 +346,33 @@ def test_text_completion_shapes() -> None:
     assert last["choices"] == [] and last["usage"]["total_tokens"] == 15
 
 
+def test_a_stream_opens_closes_and_echoes_as_its_api_does() -> None:
+    def events(data: bytes) -> list[dict[str, Any]]:
+        frames = [f for f in data.decode().split("\n\n") if f]
+        return [json.loads(f[len("data: ") :]) for f in frames if f != "data: [DONE]"]
+
+    chat = ChunkBuilder(completion_id="c", model="m", created=1)
+    assert [e["choices"][0]["delta"] for e in events(chat.opening("Hi"))] == [
+        {"role": "assistant", "content": ""},
+        {"content": "Hi"},
+    ]
+    assert [e["choices"][0]["delta"] for e in events(chat.opening(""))] == [
+        {"role": "assistant", "content": ""}
+    ]
+    closed = events(chat.closing(END))
+    assert len(closed) == 1 and closed[0]["choices"][0]["finish_reason"] == "length"
+    assert chat.closing(END).endswith(SSE_DONE)
+    with_usage = ChunkBuilder(completion_id="c", model="m", created=1, include_usage=True)
+    assert [e["choices"] for e in events(with_usage.closing(END))][1] == []
+
+    text = TextChunkBuilder(completion_id="c", model="m", created=1, echo="Once")
+    assert events(text.opening(" upon"))[0]["choices"][0]["text"] == "Once upon"
+    assert events(text.opening(""))[0]["choices"][0]["text"] == "Once"
+    assert events(text.piece(" a"))[0]["choices"][0]["text"] == " a"
+    assert TextChunkBuilder(completion_id="c", model="m", created=1).opening("") == b""
+    assert text.closing(END).endswith(SSE_DONE)
+
+
 # --- responses ----------------------------------------------------------------------------
 
 END = StreamEnd(

@@ -45,8 +45,8 @@ from exo.api.placement import preview_for_state
 from exo.api.responses import EventStreamResponse, SSEChannel, WatchedResponse
 from exo.api.settings import ApiSettings
 from exo.api.translate import (
-    SSE_DONE,
     ChunkBuilder,
+    StreamChunks,
     TextChunkBuilder,
     chat_completion,
     chat_params,
@@ -71,6 +71,7 @@ from exo.shared.types.events import IndexedEvent
 from exo.shared.types.ids import InstanceId, ModelId, NodeId, TaskId, new_task_id
 from exo.shared.types.models import ModelCard
 from exo.shared.types.state import State
+from exo.shared.types.stream import StreamEnd
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -232,21 +233,16 @@ def create_app(
                 include_usage=include_usage,
             )
             return EventStreamResponse(
-                lambda channel: _stream_chat(
+                lambda channel: _stream(
                     backend, placements, settings, task_id, card.model_id, params, chunks, channel
                 )
             )
 
         async def complete() -> Response:
-            parts: list[str] = []
-
-            async def collect(text: str) -> None:
-                parts.append(text)
-
-            end = await serve_task(
-                backend, placements, task_id, card.model_id, params, settings, _ignore, collect
+            text, end = await _generate(
+                backend, placements, settings, task_id, card.model_id, params
             )
-            completion = chat_completion(task_id, card.model_id, created, "".join(parts), end)
+            completion = chat_completion(task_id, card.model_id, created, text, end)
             return JSONResponse(completion.model_dump(mode="json"))
 
         return WatchedResponse(complete)
@@ -271,31 +267,19 @@ def create_app(
                 created=created,
                 include_usage=asked.stream_options is not None
                 and asked.stream_options.include_usage,
+                echo=echo,
             )
             return EventStreamResponse(
-                lambda channel: _stream_text(
-                    backend,
-                    placements,
-                    settings,
-                    task_id,
-                    card.model_id,
-                    params,
-                    chunks,
-                    echo,
-                    channel,
+                lambda channel: _stream(
+                    backend, placements, settings, task_id, card.model_id, params, chunks, channel
                 )
             )
 
         async def complete() -> Response:
-            parts: list[str] = [echo]
-
-            async def collect(text: str) -> None:
-                parts.append(text)
-
-            end = await serve_task(
-                backend, placements, task_id, card.model_id, params, settings, _ignore, collect
+            text, end = await _generate(
+                backend, placements, settings, task_id, card.model_id, params
             )
-            completion = text_completion(task_id, card.model_id, created, "".join(parts), end)
+            completion = text_completion(task_id, card.model_id, created, echo + text, end)
             return JSONResponse(completion.model_dump(mode="json"))
 
         return WatchedResponse(complete)
@@ -581,71 +565,54 @@ def _events_start(state: State, from_index: int | None, last_event_id: str | Non
     return state.last_index + 1
 
 
-async def _stream_chat(
+async def _generate(
     backend: ApiBackend,
     placements: Placements,
     settings: ApiSettings,
     task_id: TaskId,
     model_id: ModelId,
     params: ChatParams,
-    chunks: ChunkBuilder,
-    channel: SSEChannel,
-) -> None:
-    async def on_wait(note: str) -> None:
-        await channel.comment(note)
+) -> tuple[str, StreamEnd]:
+    """The whole generated text of a request that is not streamed, and how it ended."""
+    parts: list[str] = []
 
-    sent_role = False
-
-    async def on_token(text: str) -> None:
-        nonlocal sent_role
-        if not sent_role:
-            sent_role = True
-            await channel.write(chunks.sse(chunks.role()))
-        await channel.write(chunks.sse(chunks.content(text)))
+    async def collect(text: str) -> None:
+        parts.append(text)
 
     end = await serve_task(
-        backend, placements, task_id, model_id, params, settings, on_wait, on_token
+        backend, placements, task_id, model_id, params, settings, _ignore, collect
     )
-    if not sent_role:
-        await channel.write(chunks.sse(chunks.role()))
-    await channel.write(chunks.sse(chunks.finish(end)))
-    if chunks.include_usage:
-        await channel.write(chunks.sse(chunks.usage(end)))
-    await channel.write(SSE_DONE)
+    return "".join(parts), end
 
 
-async def _stream_text(
+async def _stream(
     backend: ApiBackend,
     placements: Placements,
     settings: ApiSettings,
     task_id: TaskId,
     model_id: ModelId,
     params: ChatParams,
-    chunks: TextChunkBuilder,
-    echo: str,
+    chunks: StreamChunks,
     channel: SSEChannel,
 ) -> None:
     async def on_wait(note: str) -> None:
         await channel.comment(note)
 
-    echoed = not echo  # the prompt goes out with the first text, once the task runs
+    opened = False
 
     async def on_token(text: str) -> None:
-        nonlocal echoed
-        if not echoed:
-            echoed = True
-            text = echo + text
-        await channel.write(chunks.content(text))
+        nonlocal opened
+        data = chunks.piece(text) if opened else chunks.opening(text)
+        opened = True
+        if data:
+            await channel.write(data)
 
     end = await serve_task(
         backend, placements, task_id, model_id, params, settings, on_wait, on_token
     )
-    if not echoed:
+    if not opened:
         await on_token("")
-    await channel.write(chunks.finish(end))
-    if chunks.include_usage:
-        await channel.write(chunks.usage(end))
-    await channel.write(SSE_DONE)
+    await channel.write(chunks.closing(end))
 
 
 def _methods_of_path(app: FastAPI, request: Request) -> list[str]:

@@ -9,6 +9,7 @@ Defaults (documented in docs/api.md):
 """
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from exo.api.errors import ApiError, above_context
 from exo.api.openai_types import (
@@ -289,6 +290,19 @@ class ChunkBuilder(Frozen):
         exclude = None if self.include_usage else {"usage"}
         return sse_data(chunk.model_dump_json(exclude=exclude))
 
+    # StreamChunks
+
+    def opening(self, text: str) -> bytes:
+        role = self.sse(self.role())
+        return role + self.sse(self.content(text)) if text else role
+
+    def piece(self, text: str) -> bytes:
+        return self.sse(self.content(text))
+
+    def closing(self, end: StreamEnd) -> bytes:
+        usage = self.sse(self.usage(end)) if self.include_usage else b""
+        return self.sse(self.finish(end)) + usage + SSE_DONE
+
 
 def text_completion(
     completion_id: str, model: str, created: int, text: str, end: StreamEnd
@@ -304,13 +318,15 @@ def text_completion(
 
 
 class TextChunkBuilder(Frozen):
-    """The chunks of one streamed text completion: text pieces, then the finish reason,
-    then (when asked for) the usage, on a chunk of no choices, as for chat."""
+    """The chunks of one streamed text completion: text pieces (the first one after the
+    prompt, with `echo`), then the finish reason, then (when asked for) the usage, on a
+    chunk of no choices, as for chat."""
 
     completion_id: str
     model: str
     created: int
     include_usage: bool = False
+    echo: str = ""
 
     def _chunk(self, choices: tuple[TextChoice, ...], end: StreamEnd | None = None) -> bytes:
         chunk = TextCompletion(
@@ -334,6 +350,34 @@ class TextChunkBuilder(Frozen):
 
     def usage(self, end: StreamEnd) -> bytes:
         return self._chunk((), end)
+
+    # StreamChunks
+
+    def opening(self, text: str) -> bytes:
+        return self.content(self.echo + text) if self.echo or text else b""
+
+    def piece(self, text: str) -> bytes:
+        return self.content(text)
+
+    def closing(self, end: StreamEnd) -> bytes:
+        usage = self.usage(end) if self.include_usage else b""
+        return self.finish(end) + usage + SSE_DONE
+
+
+class StreamChunks(Protocol):
+    """What a streamed completion (chat or text) sends, as SSE bytes."""
+
+    def opening(self, text: str) -> bytes:
+        """Before and with the first generated text ("" when there is none)."""
+        ...
+
+    def piece(self, text: str) -> bytes:
+        """Each later text."""
+        ...
+
+    def closing(self, end: StreamEnd) -> bytes:
+        """The finish reason, the usage when asked for, and `[DONE]`."""
+        ...
 
 
 def sse_data(payload: str, event_id: int | None = None) -> bytes:
