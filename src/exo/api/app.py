@@ -4,6 +4,7 @@ Everything it knows of the node comes through `ApiBackend`; see docs/api.md for 
 """
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -212,6 +213,27 @@ def create_app(
 
     # --- OpenAI ----------------------------------------------------------------------
 
+    def answer(
+        task_id: TaskId,
+        model_id: ModelId,
+        params: ChatParams,
+        chunks: StreamChunks | None,
+        whole: Callable[[str, StreamEnd], Frozen],
+    ) -> Response:
+        """Serve a generation as a stream of `chunks`, or (None) as one `whole` reply."""
+        if chunks is not None:
+            return EventStreamResponse(
+                lambda channel: _stream(
+                    backend, placements, settings, task_id, model_id, params, chunks, channel
+                )
+            )
+
+        async def complete() -> Response:
+            text, end = await _generate(backend, placements, settings, task_id, model_id, params)
+            return JSONResponse(whole(text, end).model_dump(mode="json"))
+
+        return WatchedResponse(complete)
+
     @app.post(
         "/v1/chat/completions",
         response_model=None,
@@ -224,28 +246,17 @@ def create_app(
         params = chat_params(chat, card, settings.default_max_tokens)
         task_id = new_task_id()
         created = int(time.time())
-        if chat.stream:
-            include_usage = chat.stream_options is not None and chat.stream_options.include_usage
-            chunks = ChunkBuilder(
-                completion_id=task_id,
-                model=card.model_id,
-                created=created,
-                include_usage=include_usage,
-            )
-            return EventStreamResponse(
-                lambda channel: _stream(
-                    backend, placements, settings, task_id, card.model_id, params, chunks, channel
-                )
-            )
-
-        async def complete() -> Response:
-            text, end = await _generate(
-                backend, placements, settings, task_id, card.model_id, params
-            )
-            completion = chat_completion(task_id, card.model_id, created, text, end)
-            return JSONResponse(completion.model_dump(mode="json"))
-
-        return WatchedResponse(complete)
+        include_usage = chat.stream_options is not None and chat.stream_options.include_usage
+        chunks = ChunkBuilder(
+            completion_id=task_id, model=card.model_id, created=created, include_usage=include_usage
+        )
+        return answer(
+            task_id,
+            card.model_id,
+            params,
+            chunks if chat.stream else None,
+            lambda text, end: chat_completion(task_id, card.model_id, created, text, end),
+        )
 
     @app.post(
         "/v1/completions",
@@ -260,29 +271,21 @@ def create_app(
         echo = params.prompt if asked.echo and params.prompt is not None else ""
         task_id = new_task_id()
         created = int(time.time())
-        if asked.stream:
-            chunks = TextChunkBuilder(
-                completion_id=task_id,
-                model=card.model_id,
-                created=created,
-                include_usage=asked.stream_options is not None
-                and asked.stream_options.include_usage,
-                echo=echo,
-            )
-            return EventStreamResponse(
-                lambda channel: _stream(
-                    backend, placements, settings, task_id, card.model_id, params, chunks, channel
-                )
-            )
-
-        async def complete() -> Response:
-            text, end = await _generate(
-                backend, placements, settings, task_id, card.model_id, params
-            )
-            completion = text_completion(task_id, card.model_id, created, echo + text, end)
-            return JSONResponse(completion.model_dump(mode="json"))
-
-        return WatchedResponse(complete)
+        include_usage = asked.stream_options is not None and asked.stream_options.include_usage
+        chunks = TextChunkBuilder(
+            completion_id=task_id,
+            model=card.model_id,
+            created=created,
+            include_usage=include_usage,
+            echo=echo,
+        )
+        return answer(
+            task_id,
+            card.model_id,
+            params,
+            chunks if asked.stream else None,
+            lambda text, end: text_completion(task_id, card.model_id, created, echo + text, end),
+        )
 
     @app.get("/v1/models", tags=["openai"])
     async def list_models() -> dict[str, Any]:  # pyright: ignore[reportUnusedFunction]
