@@ -211,6 +211,13 @@ def test_links_are_measured_and_garbage_on_the_mesh_closes_only_its_connection(
             intruder.get("/state")["node_id"]
         }
         assert "auth" in intruder.output() or "auth" in target.output()
+        # Both say why in their status: the intruder by the address it dials.
+        refused = intruder.get("/state")["cluster"]["refused"]
+        assert refused.keys() == {target.mesh_address}, refused
+        assert refused[target.mesh_address].startswith("auth_"), refused
+        assert any(
+            why.startswith("auth_") for why in target.get("/state")["cluster"]["refused"].values()
+        )
     finally:
         intruder.stop()
     connected = views(cluster)

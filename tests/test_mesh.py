@@ -21,6 +21,7 @@ from exo.routing.mesh import (
     PeerUnavailable,
     TopicMessage,
 )
+from exo.routing.mesh import mesh as mesh_module
 from exo.routing.mesh.messages import PROTOCOL_VERSION, Hello, Reject, parse_handshake
 from exo.routing.mesh.wire import (
     HANDSHAKE_MAX_FRAME,
@@ -357,6 +358,19 @@ async def test_nodes_of_different_builds_do_not_connect_and_say_so(warnings: lis
             "another build of exo" in w and "00aa00aa00aa00aa" in w and "same exo version" in w
             for w in dialled
         ), dialled
+        # Both say so in their status too: the dialler by the address it dialled, the
+        # dialled node by the dialler's host.
+        assert set(a.refused()) >= {f"127.0.0.1:{port_b}"}
+        assert set(b.refused()) >= {f"127.0.0.1:{port_a}"}
+        for why in (*a.refused().values(), *b.refused().values()):
+            assert why.startswith("schema: ") and "another build of exo" in why, why
+        ns.stop(a)
+        ns.stop(b)
+    # A refusal that does not happen again drops out.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mesh_module, "REFUSED_MEMORY_S", 0.2)
+        await anyio.sleep(0.3)
+        assert a.refused() == {} and b.refused() == {}
 
 
 async def test_an_unauthenticated_client_gets_no_messages_in(warnings: list[str]) -> None:

@@ -147,6 +147,7 @@ class ClusterService:
                 peer: (None if info.rtt_s is None else info.rtt_s * 1000)
                 for peer, info in sorted(self._mesh.peers().items())
             },
+            refused=self._mesh.refused(),
         )
 
     async def wait_for(self, predicate: Callable[[State], bool], timeout_s: float) -> State:

@@ -239,6 +239,19 @@ class _Pending:
 _Outcome = Literal["connected", "duplicate", "self", "incompatible", "error"]
 
 
+# How long a refusal stays in `Mesh.refused()` without happening again.
+REFUSED_MEMORY_S = 60.0
+# Refusals that say the two nodes cannot be one cluster as they are (not a port scanner,
+# not a duplicate connection).
+_INCOMPATIBLE: frozenset[RejectReason] = frozenset(
+    {"version", "namespace", "schema", "auth_mismatch", "auth_failed", "id_conflict"}
+)
+
+
+def _where(address: tuple[str, int]) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
 def _address(value: object) -> tuple[str, int]:
     """A socket address as (host, port); (repr, 0) for anything else."""
     if isinstance(value, tuple):
@@ -276,6 +289,9 @@ class Mesh:
         self._address_peer: dict[tuple[str, int], NodeId] = {}
         self._changed = anyio.Event()
         self._logged: dict[tuple[str, str], float] = {}
+        # Who was refused as incompatible (an address: host:port dialled, host for a peer
+        # that dialled us) -> (why, when), for `refused()`.
+        self._refused: dict[str, tuple[str, float]] = {}
         send, receive = anyio.create_memory_object_stream[Incoming](config.receive_queue_size)
         self._incoming_send: MemoryObjectSendStream[Incoming] = send
         self._incoming_receive: MemoryObjectReceiveStream[Incoming] = receive
@@ -362,6 +378,23 @@ class Mesh:
         """The stream of messages from all peers (bounded; a slow reader applies
         backpressure to the senders). Ends when the mesh stops."""
         return self._incoming_receive
+
+    def refused(self) -> dict[str, str]:
+        """Nodes this one cannot connect to because they are incompatible (another build,
+        protocol version, namespace or secret; a clash of node ids), refused within the
+        last `REFUSED_MEMORY_S` by either side: address -> why. Dialling retries at least
+        every `reconnect_max_s` (x1.5 jitter), so a lasting problem stays listed, and one
+        that was mended drops out."""
+        now = time.monotonic()
+        return {
+            who: why
+            for who, (why, when) in sorted(self._refused.items())
+            if now - when <= REFUSED_MEMORY_S
+        }
+
+    def _note_refusal(self, who: str, reason: RejectReason, detail: str) -> None:
+        if reason in _INCOMPATIBLE:
+            self._refused[who] = (f"{reason}: {detail}", time.monotonic())
 
     def peers(self) -> dict[NodeId, PeerInfo]:
         """The peers connected now."""
@@ -543,6 +576,7 @@ class Mesh:
                 with anyio.fail_after(self.config.handshake_timeout_s):
                     hs = await Handshake.respond(stream, reader, self._local)
             except HandshakeRejected as e:
+                self._note_refusal(remote[0], e.reason, e.detail)
                 self._log_limited(
                     (remote[0], e.reason),
                     "DEBUG" if e.reason == "duplicate" else "WARNING",
@@ -594,6 +628,7 @@ class Mesh:
                 return
             if outcome == "connected":
                 problem = None
+                self._refused.pop(_where(address), None)
                 if time.monotonic() - started >= self.config.heartbeat_interval_s:
                     backoff = self.config.reconnect_initial_s
             elif outcome in ("incompatible", "error") and detail != problem:
@@ -631,6 +666,7 @@ class Mesh:
                         kind: _Outcome = "self" if verdict[0] == "self" else "duplicate"
                         if verdict[0] == "id_conflict":
                             kind = "incompatible"
+                            self._note_refusal(_where(address), *verdict)
                         return kind, verdict[1]
                     self._pending.setdefault(peer_id, set()).add(pending)
                     try:
@@ -644,6 +680,7 @@ class Mesh:
             except HandshakeRejected as e:
                 if e.reason == "duplicate":
                     return "duplicate", e.detail
+                self._note_refusal(_where(address), e.reason, e.detail)
                 return "incompatible", str(e)
             if pending.cancelled:
                 return "duplicate", "the peer's own connection won the tie-break"
