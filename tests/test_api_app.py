@@ -21,6 +21,8 @@ import pytest
 from anyio.abc import ObjectReceiveStream, TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 from fastapi import FastAPI
+from openai.types.responses import Response, ResponseOutputMessage
+from openai.types.responses.response import IncompleteDetails
 
 from exo.api.app import create_app
 from exo.api.settings import ApiSettings
@@ -916,6 +918,66 @@ async def test_openai_client_against_the_app() -> None:
             with pytest.raises(openai.APIError, match="signal 9"):
                 async for _ in failing:
                     pass
+
+
+async def test_openai_client_text_completions_and_responses_against_the_app() -> None:
+    backend = ScriptedBackend(script=tokens("Hello", ", world", finish="length"))
+    backend.add_instance(RunnerReady())
+    async with serving(backend):
+        app = backend.app
+        assert app is not None
+        async with httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=app), base_url="http://exo/v1"
+        ) as h2:
+            client = openai.AsyncOpenAI(
+                api_key="unused", base_url="http://exo/v1", http_client=h2, max_retries=0
+            )
+            text = await client.completions.create(model=MODEL, prompt="Say", echo=True)
+            assert text.choices[0].text == "SayHello, world"
+            assert text.choices[0].finish_reason == "length"
+
+            whole = await client.responses.create(
+                model=MODEL, input="hi", instructions="Be brief.", max_output_tokens=2
+            )
+            assert whole.output_text == "Hello, world"
+            assert (whole.status, whole.incomplete_details) == (
+                "incomplete",
+                IncompleteDetails(reason="max_output_tokens"),
+            )
+            assert whole.usage is not None and whole.usage.output_tokens == 2
+            message = whole.output[0]
+            assert isinstance(message, ResponseOutputMessage) and message.id.startswith("msg_")
+            assert whole.id.startswith("resp_")
+
+            kinds: list[str] = []
+            deltas: list[str] = []
+            final: Response | None = None
+            async for event in await client.responses.create(
+                model=MODEL, input=[{"role": "user", "content": "hi"}], stream=True
+            ):
+                kinds.append(event.type)
+                if event.type == "response.output_text.delta":
+                    deltas.append(event.delta)
+                if event.type == "response.incomplete":
+                    final = event.response
+            assert kinds == [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.incomplete",
+            ]
+            assert "".join(deltas) == "Hello, world"
+            assert final is not None and final.output_text == "Hello, world"
+    creates = [c for c in backend.commands if isinstance(c, CreateTask)]
+    assert creates[0].params.prompt == "Say" and creates[0].params.messages == ()
+    assert creates[1].params.sampling.max_tokens == 2
+    assert [m.role for m in creates[1].params.messages] == ["system", "user"]
 
 
 # --- models, state, events ------------------------------------------------------------------

@@ -142,6 +142,36 @@ def test_text_completions_take_the_raw_prompt(daemon: Daemon) -> None:
     assert caught.value.code == "unsupported_feature" and "Token-id prompts" in str(caught.value)
 
 
+def test_responses_api_answers_as_chat_does(daemon: Daemon) -> None:
+    """/v1/responses: the same greedy text as a chat completion of the same message,
+    whole and streamed."""
+    c = client(daemon)
+    chat = c.chat.completions.create(model=BUILTIN, messages=PROMPT, max_tokens=12, temperature=0.0)
+    whole = c.responses.create(
+        model=BUILTIN, input="Name three colours.", max_output_tokens=12, temperature=0.0
+    )
+    assert whole.output_text == chat.choices[0].message.content
+    assert whole.usage is not None and chat.usage is not None
+    assert whole.usage.input_tokens == chat.usage.prompt_tokens
+    assert whole.status == (
+        "incomplete" if chat.choices[0].finish_reason == "length" else "completed"
+    )
+    deltas: list[str] = []
+    last = None
+    for event in c.responses.create(
+        model=BUILTIN,
+        input="Name three colours.",
+        max_output_tokens=12,
+        temperature=0.0,
+        stream=True,
+    ):
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        last = event
+    assert "".join(deltas) == whole.output_text
+    assert last is not None and last.type in ("response.completed", "response.incomplete")
+
+
 def test_seed_and_stop_are_honoured(daemon: Daemon) -> None:
     c = client(daemon)
 

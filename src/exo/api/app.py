@@ -1,4 +1,5 @@
-"""The HTTP API: OpenAI chat and text completions, the cluster API, SSE of the event log, the dashboard.
+"""The HTTP API: OpenAI chat, text completions and responses; the cluster API; SSE of the
+event log; the dashboard.
 
 Everything it knows of the node comes through `ApiBackend`; see docs/api.md for the endpoints.
 """
@@ -35,6 +36,12 @@ from exo.api.generation import (
     wait_applied,
 )
 from exo.api.inbox import Inbox, InboxClosed
+from exo.api.openai_responses import (
+    ResponseEvents,
+    ResponsesRequest,
+    response_object,
+    responses_params,
+)
 from exo.api.openai_types import (
     AddModelRequest,
     ChatCompletionRequest,
@@ -285,6 +292,30 @@ def create_app(
             params,
             chunks if asked.stream else None,
             lambda text, end: text_completion(task_id, card.model_id, created, echo + text, end),
+        )
+
+    @app.post(
+        "/v1/responses",
+        response_model=None,
+        openapi_extra=_schema(ResponsesRequest),
+        tags=["openai"],
+    )
+    async def responses(request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
+        asked = await _parse_body(request, ResponsesRequest, settings.max_request_bytes)
+        card = await _card_or_hub(backend, settings, asked.model)
+        params = responses_params(asked, card, settings.default_max_tokens)
+        task_id = new_task_id()
+        created = int(time.time())
+        return answer(
+            task_id,
+            card.model_id,
+            params,
+            ResponseEvents(task_id, asked, params, card.model_id, created)
+            if asked.stream
+            else None,
+            lambda text, end: response_object(
+                task_id, asked, params, card.model_id, created, text, end
+            ),
         )
 
     @app.get("/v1/models", tags=["openai"])

@@ -12,18 +12,18 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from exo.shared.types.base import Frozen
 
 
-class _Request(BaseModel):
+class LenientRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
 
-class ContentPart(_Request):
+class ContentPart(LenientRequest):
     """One part of a list-valued message content; only "text" parts are served."""
 
     type: StrictStr
     text: StrictStr | None = None
 
 
-class RequestMessage(_Request):
+class RequestMessage(LenientRequest):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
@@ -31,18 +31,18 @@ class RequestMessage(_Request):
     function_call: Any = None
 
 
-class StreamOptions(_Request):
+class StreamOptions(LenientRequest):
     include_usage: StrictBool = False
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(LenientRequest):
     type: StrictStr
 
 
 StopString = Annotated[StrictStr, Field(min_length=1)]
 
 
-class SamplingRequest(_Request):
+class SamplingRequest(LenientRequest):
     """What chat and text completion requests share: the model and how to sample."""
 
     model: StrictStr
@@ -94,7 +94,7 @@ class CompletionRequest(SamplingRequest):
     best_of: StrictInt | None = None
 
 
-class PinnedStageRequest(_Request):
+class PinnedStageRequest(LenientRequest):
     """One stage of a manual split; the master validates the split as a whole."""
 
     node_id: StrictStr
@@ -104,7 +104,7 @@ class PinnedStageRequest(_Request):
     end_layer: StrictInt
 
 
-class PlaceInstanceRequest(_Request):
+class PlaceInstanceRequest(LenientRequest):
     model: StrictStr
     node_id: StrictStr | None = None
     engine: Literal["mlx", "torch"] | None = None
@@ -119,7 +119,7 @@ class PlaceInstanceRequest(_Request):
     exclude_devices: list[StrictStr] = Field(default_factory=list[StrictStr], max_length=1024)
 
 
-class AddModelRequest(_Request):
+class AddModelRequest(LenientRequest):
     """A Hugging Face hub repository to serve: `owner/name`, at a branch, tag or commit."""
 
     repo: StrictStr = Field(min_length=3, max_length=200)

@@ -46,7 +46,7 @@ SEED_MODULUS = 2**63
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def _unsupported(message: str, param: str) -> ApiError:
+def unsupported(message: str, param: str) -> ApiError:
     return ApiError(400, message, code="unsupported_feature", param=param)
 
 
@@ -62,7 +62,7 @@ def chat_params(
         requested = (request.max_completion_tokens, "max_completion_tokens")
     else:
         requested = (request.max_tokens, "max_tokens")
-    sampling = _sampling(request, requested, card, default_max_tokens)
+    sampling = sampling_for(request, requested, card, default_max_tokens)
     return ChatParams(messages=messages, sampling=sampling)
 
 
@@ -72,50 +72,50 @@ def completion_params(request: CompletionRequest, card: ModelCard) -> ChatParams
     prompt = request.prompt
     if isinstance(prompt, list):
         if any(not isinstance(p, str) for p in prompt):
-            raise _unsupported("Token-id prompts are not supported; send the text.", "prompt")
+            raise unsupported("Token-id prompts are not supported; send the text.", "prompt")
         if len(prompt) != 1:
-            raise _unsupported("Only one prompt per request is supported.", "prompt")
+            raise unsupported("Only one prompt per request is supported.", "prompt")
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "prompt must not be empty.", code="invalid_value", param="prompt")
     if request.suffix:
-        raise _unsupported("suffix (insertion) is not supported.", "suffix")
+        raise unsupported("suffix (insertion) is not supported.", "suffix")
     if request.logprobs is not None:
-        raise _unsupported("logprobs are not supported.", "logprobs")
+        raise unsupported("logprobs are not supported.", "logprobs")
     if request.best_of not in (None, 1):
-        raise _unsupported("Only best_of=1 is supported.", "best_of")
+        raise unsupported("Only best_of=1 is supported.", "best_of")
     requested = (request.max_tokens, "max_tokens")
-    sampling = _sampling(request, requested, card, COMPLETION_DEFAULT_MAX_TOKENS)
+    sampling = sampling_for(request, requested, card, COMPLETION_DEFAULT_MAX_TOKENS)
     return ChatParams(prompt=prompt, sampling=sampling)
 
 
 def _reject_shared_unsupported(request: SamplingRequest) -> None:
     if request.n is not None and request.n != 1:
-        raise _unsupported("Only n=1 is supported.", "n")
+        raise unsupported("Only n=1 is supported.", "n")
 
 
 def _reject_unsupported(request: ChatCompletionRequest) -> None:
     _reject_shared_unsupported(request)
     if request.tools or request.functions:
         param = "tools" if request.tools else "functions"
-        raise _unsupported("Tool and function calling are not supported by exo.", param)
+        raise unsupported("Tool and function calling are not supported by exo.", param)
     if request.tool_choice not in (None, "none"):
-        raise _unsupported("Tool and function calling are not supported by exo.", "tool_choice")
+        raise unsupported("Tool and function calling are not supported by exo.", "tool_choice")
     if request.function_call not in (None, "none"):
-        raise _unsupported("Tool and function calling are not supported by exo.", "function_call")
+        raise unsupported("Tool and function calling are not supported by exo.", "function_call")
     if request.response_format is not None and request.response_format.type != "text":
-        raise _unsupported(
+        raise unsupported(
             f"response_format '{request.response_format.type}' is not supported; only 'text' is.",
             "response_format",
         )
     if request.logprobs or request.top_logprobs:
-        raise _unsupported("logprobs are not supported.", "logprobs")
+        raise unsupported("logprobs are not supported.", "logprobs")
 
 
 def _message(message: RequestMessage, index: int) -> ChatMessage:
     param = f"messages[{index}]"
     if message.role in ("tool", "function") or message.tool_calls or message.function_call:
-        raise _unsupported(
+        raise unsupported(
             "Tool and function calling are not supported by exo "
             f"({param} is a {message.role} message or carries tool calls).",
             param,
@@ -137,11 +137,11 @@ def _message(message: RequestMessage, index: int) -> ChatMessage:
     for j, part in enumerate(content):
         part_param = f"{param}.content[{j}]"
         if part.type in ("image_url", "input_image", "image"):
-            raise _unsupported("Image inputs are not supported by exo's models.", part_param)
+            raise unsupported("Image inputs are not supported by exo's models.", part_param)
         if part.type in ("input_audio", "audio"):
-            raise _unsupported("Audio inputs are not supported by exo's models.", part_param)
+            raise unsupported("Audio inputs are not supported by exo's models.", part_param)
         if part.type != "text":
-            raise _unsupported(
+            raise unsupported(
                 f"Content part type '{part.type}' is not supported; only 'text' is.", part_param
             )
         if part.text is None:
@@ -155,7 +155,7 @@ def _message(message: RequestMessage, index: int) -> ChatMessage:
     return ChatMessage(role=role, content="\n".join(texts))
 
 
-def _sampling(
+def sampling_for(
     request: SamplingRequest,
     max_tokens_asked: tuple[int | None, str],
     card: ModelCard,
