@@ -1005,6 +1005,15 @@ async def test_state() -> None:
     assert State.model_validate_json(json.dumps(body["state"])) == backend.state()
 
 
+async def test_cluster_is_this_nodes_view_alone() -> None:
+    backend = ScriptedBackend()
+    async with serving(backend) as client:
+        state = (await client.get("/state")).json()
+        cluster = (await client.get("/cluster")).json()
+    assert cluster == state["cluster"] == backend.cluster_status().model_dump(mode="json")
+    assert cluster["refused"] == {}
+
+
 async def test_events_from_index() -> None:
     backend = ScriptedBackend(close_events_after=0.3)
     backend.add_instance(RunnerLoading(progress=0.1), RunnerReady())

@@ -244,6 +244,22 @@ def test_dashboard_places_chats_and_deletes(node: Daemon, browser: Browser) -> N
     expect(page.get_by_test_id("no-instances")).to_be_visible(timeout=30_000)
     assert node.get("/instances")["data"] == []
 
+    # A node that cannot join (another secret) is named, with why, until it gives up.
+    expect(page.get_by_test_id("refused")).to_have_count(0)
+    intruder = Daemon(
+        node.home.parent / f"intruder-{node.port}",
+        None,
+        "--peer",
+        node.mesh_address,
+        "--secret",
+        "x",
+    ).start()
+    try:
+        expect(page.get_by_test_id("refused")).to_contain_text("auth_mismatch", timeout=30_000)
+        _shot(page, "dashboard-refused")
+    finally:
+        intruder.stop()
+
     # A dropped stream: the node greys out, then the dashboard reconnects and resyncs.
     node.stop()
     expect(page.get_by_test_id("connection")).not_to_have_attribute(

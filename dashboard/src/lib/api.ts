@@ -79,3 +79,13 @@ export async function previewPlacement(model: string): Promise<unknown | null> {
     throw err;
   }
 }
+
+/** This node's own view of its cluster (GET /cluster); only what the dashboard reads. */
+export interface ClusterView {
+  /** Nodes refused in the last minute as unable to join (another build, secret, ...): address -> why. */
+  refused: Record<string, string>;
+}
+
+export function clusterView(): Promise<ClusterView> {
+  return call<ClusterView>('/cluster');
+}

@@ -358,6 +358,12 @@ def create_app(
     async def healthz() -> dict[str, str]:  # pyright: ignore[reportUnusedFunction]
         return {"status": "ok", "node_id": backend.node_id}
 
+    @app.get("/cluster", tags=["cluster"], response_model=None)
+    async def get_cluster() -> Response:  # pyright: ignore[reportUnusedFunction]
+        """This node's own view of its cluster (`/state`'s `cluster`, without the state):
+        small enough to poll."""
+        return Response(backend.cluster_status().model_dump_json(), media_type="application/json")
+
     @app.get("/state", tags=["cluster"], response_model=None)
     async def get_state() -> Response:  # pyright: ignore[reportUnusedFunction]
         state = backend.state()
