@@ -934,6 +934,7 @@ async def test_openai_client_text_completions_and_responses_against_the_app() ->
             )
             text = await client.completions.create(model=MODEL, prompt="Say", echo=True)
             assert text.choices[0].text == "SayHello, world"
+            assert text.id.startswith("cmpl-")
             assert text.choices[0].finish_reason == "length"
 
             whole = await client.responses.create(

@@ -279,8 +279,9 @@ def create_app(
         task_id = new_task_id()
         created = int(time.time())
         include_usage = asked.stream_options is not None and asked.stream_options.include_usage
+        completion_id = "cmpl-" + task_id.removeprefix("chatcmpl-")  # OpenAI's prefix
         chunks = TextChunkBuilder(
-            completion_id=task_id,
+            completion_id=completion_id,
             model=card.model_id,
             created=created,
             include_usage=include_usage,
@@ -291,7 +292,9 @@ def create_app(
             card.model_id,
             params,
             chunks if asked.stream else None,
-            lambda text, end: text_completion(task_id, card.model_id, created, echo + text, end),
+            lambda text, end: text_completion(
+                completion_id, card.model_id, created, echo + text, end
+            ),
         )
 
     @app.post(
