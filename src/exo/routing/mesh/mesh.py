@@ -393,8 +393,16 @@ class Mesh:
         }
 
     def _note_refusal(self, who: str, reason: RejectReason, detail: str) -> None:
-        if reason in _INCOMPATIBLE:
-            self._refused[who] = (f"{reason}: {detail}", time.monotonic())
+        if reason not in _INCOMPATIBLE:
+            return
+        now = time.monotonic()
+        # Forget the old ones here, so that many strangers cannot grow the table.
+        self._refused = {
+            k: (why, when)
+            for k, (why, when) in self._refused.items()
+            if now - when <= REFUSED_MEMORY_S
+        }
+        self._refused[who] = (f"{reason}: {detail}", now)
 
     def peers(self) -> dict[NodeId, PeerInfo]:
         """The peers connected now."""
