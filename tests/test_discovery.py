@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
+from anyio.abc import TaskStatus
 from loguru import logger
 
 from exo.routing.discovery import (
@@ -193,7 +194,33 @@ async def test_other_namespaces_and_versions_are_ignored_with_one_line_each(
     assert [p.node_id for p in reported] == [NodeId("node-b")]
     assert set(a.peers()) == {NodeId("node-b")}
     assert set(a.ignored()) == {NodeId("node-c"), NodeId("node-d")}
+    # Only the one of this namespace on another version is a node the user should hear of.
+    assert list(a.other_versions()) == [NodeId("node-d")]
+    assert "protocol version" in a.other_versions()[NodeId("node-d")]
     ns_lines = [w for w in warnings if "node-a ignores node-c" in w]
     version_lines = [w for w in warnings if "node-a ignores node-d" in w]
     assert len(ns_lines) == 1 and "'elsewhere'" in ns_lines[0]
     assert len(version_lines) == 1 and "protocol version" in version_lines[0]
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("mdns")
+async def test_a_node_of_another_version_is_listed_while_it_is_announced() -> None:
+    a = discovery("node-a")
+    newer = discovery("node-n", protocol_version=PROTOCOL_VERSION + 1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(a.run)
+        newer_scope = anyio.CancelScope()
+
+        async def run_newer(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+            with newer_scope:
+                await newer.run(task_status=task_status)
+
+        await tg.start(run_newer)
+        with anyio.fail_after(10):
+            await a.wait_for(lambda _: NodeId("node-n") in a.other_versions())
+        newer_scope.cancel()  # it stops, and says goodbye over mDNS
+        with anyio.fail_after(10):
+            await a.wait_for(lambda _: not a.other_versions())
+        assert NodeId("node-n") not in a.ignored()
+        tg.cancel_scope.cancel()

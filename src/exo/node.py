@@ -115,6 +115,7 @@ class Node:
             self._store.close()
             raise
         self._streams = StreamHub(node_id=self._node_id, router=self._router, replica=self._cluster)
+        self._discovery: Discovery | None = None  # while mDNS runs
 
     # --- ApiBackend -------------------------------------------------------------------
 
@@ -126,7 +127,14 @@ class Node:
         return self._cluster.state
 
     def cluster_status(self) -> ClusterStatus:
-        return self._cluster.status()
+        status = self._cluster.status()
+        discovery = self._discovery
+        seen = {} if discovery is None else discovery.other_versions()
+        if not seen:
+            return status
+        # Nodes of this namespace on another protocol version are never dialled: say so.
+        mdns = {f"{node_id} (mDNS)": f"version: {why}" for node_id, why in seen.items()}
+        return status.model_copy(update={"refused": {**status.refused, **mdns}})
 
     def model_cards(self) -> Sequence[ModelCard]:
         return cards_in(self._cluster.state)
@@ -294,6 +302,7 @@ class Node:
             interfaces=interfaces,
             ipv4_only=interfaces is not None and all(":" not in i for i in interfaces),
         )
+        self._discovery = discovery
         await discovery.run(task_status=task_status)
 
     def _worker(self) -> Worker:

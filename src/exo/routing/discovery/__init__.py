@@ -167,6 +167,9 @@ class Discovery:
         self._peers: dict[NodeId, DiscoveredPeer] = {}
         self._names: dict[str, NodeId] = {}
         self._ignored: dict[str, str] = {}  # service name -> why (logged once)
+        # Those of them that are exo nodes of this namespace speaking another protocol
+        # version: a node of this cluster on another version, which its user wants to know.
+        self._other_version: set[str] = set()
         self._resolving: set[str] = set()
         self._tg: TaskGroup | None = None
         self._zc: ZeroconfAdapter | None = None
@@ -181,6 +184,15 @@ class Discovery:
         return {
             NodeId(name.removesuffix("." + SERVICE_TYPE)): why
             for name, why in self._ignored.items()
+        }
+
+    def other_versions(self) -> dict[NodeId, str]:
+        """The ignored nodes of this namespace that speak another protocol version (another
+        version of exo), while they are announced."""
+        return {
+            NodeId(name.removesuffix("." + SERVICE_TYPE)): self._ignored[name]
+            for name in sorted(self._other_version)
+            if name in self._ignored
         }
 
     async def wait_for(self, predicate: Callable[[dict[NodeId, DiscoveredPeer]], bool]) -> None:
@@ -249,6 +261,9 @@ class Discovery:
 
     def _on_change(self, name: str, change: Change) -> None:
         if change == "removed":
+            if self._ignored.pop(name, None) is not None:
+                self._other_version.discard(name)
+                self._changed.set()
             node_id = self._names.pop(name, None)
             if node_id is not None and self._peers.pop(node_id, None) is not None:
                 logger.info("discovery: {} is no longer announced", node_id)
@@ -273,7 +288,11 @@ class Discovery:
         if resolved is not None:
             self._consider(resolved)
 
-    def _ignore(self, name: str, why: str) -> None:
+    def _ignore(self, name: str, why: str, *, other_version: bool = False) -> None:
+        if other_version:
+            self._other_version.add(name)
+        else:
+            self._other_version.discard(name)
         if self._ignored.get(name) != why:
             self._ignored[name] = why
             self._changed.set()
@@ -308,6 +327,7 @@ class Discovery:
                 found.name,
                 f"node {node_id} speaks mesh protocol version {props.get(TXT_VERSION)!r}, "
                 f"this node {self.protocol_version}",
+                other_version=True,
             )
             return
         mesh_port = _int(props.get(TXT_MESH_PORT)) or found.port
@@ -317,6 +337,7 @@ class Discovery:
             self._ignore(found.name, f"node {node_id}: incomplete announcement {props}")
             return
         self._ignored.pop(found.name, None)
+        self._other_version.discard(found.name)
         peer = DiscoveredPeer(
             node_id=NodeId(node_id),
             namespace=namespace,
