@@ -180,7 +180,7 @@ class Discovery:
         return dict(self._peers)
 
     def ignored(self) -> dict[NodeId, str]:
-        """Incompatible nodes seen, with the reason (each logged once)."""
+        """Incompatible nodes announced now, with the reason (logged once per announcement)."""
         return {
             NodeId(name.removesuffix("." + SERVICE_TYPE)): why
             for name, why in self._ignored.items()
