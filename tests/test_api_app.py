@@ -865,116 +865,114 @@ async def asgi(app: Any, scope: dict[str, Any], receive: Any, send: Any) -> None
     await app(scope, receive, send)
 
 
-async def test_openai_client_against_the_app() -> None:
-    backend = ScriptedBackend()
-    backend.add_instance(RunnerReady())
+@asynccontextmanager
+async def openai_client(backend: ScriptedBackend) -> AsyncGenerator[openai.AsyncOpenAI]:
+    """The official client against the app, in process (over httpx2, the client's own)."""
     async with serving(backend):
         app = backend.app
         assert app is not None
         async with httpx2.AsyncClient(
             transport=httpx2.ASGITransport(app=app), base_url="http://exo/v1"
         ) as h2:
-            client = openai.AsyncOpenAI(
+            yield openai.AsyncOpenAI(
                 api_key="unused", base_url="http://exo/v1", http_client=h2, max_retries=0
             )
-            completion = await client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "hi"}],
-                max_tokens=8,
-                temperature=0,
+
+
+async def test_openai_client_against_the_app() -> None:
+    backend = ScriptedBackend()
+    backend.add_instance(RunnerReady())
+    async with openai_client(backend) as client:
+        completion = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=8,
+            temperature=0,
+        )
+        assert completion.choices[0].message.content == "Hello, world"
+        assert completion.usage is not None and completion.usage.total_tokens == 12
+
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text = ""
+        usage = None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            if chunk.usage is not None:
+                usage = chunk.usage
+        assert text == "Hello, world"
+        assert usage is not None and usage.completion_tokens == 3
+
+        models = await client.models.list()
+        assert [m.id for m in models.data] == [MODEL]
+
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.chat.completions.create(
+                model="nope", messages=[{"role": "user", "content": "hi"}]
             )
-            assert completion.choices[0].message.content == "Hello, world"
-            assert completion.usage is not None and completion.usage.total_tokens == 12
+        assert missing.value.code == "model_not_found"
 
-            stream = await client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "hi"}],
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-            text = ""
-            usage = None
-            async for chunk in stream:
-                if chunk.choices:
-                    text += chunk.choices[0].delta.content or ""
-                if chunk.usage is not None:
-                    usage = chunk.usage
-            assert text == "Hello, world"
-            assert usage is not None and usage.completion_tokens == 3
-
-            models = await client.models.list()
-            assert [m.id for m in models.data] == [MODEL]
-
-            with pytest.raises(openai.NotFoundError) as missing:
-                await client.chat.completions.create(
-                    model="nope", messages=[{"role": "user", "content": "hi"}]
-                )
-            assert missing.value.code == "model_not_found"
-
-            backend.script = failing_script
-            failing = await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
-            )
-            with pytest.raises(openai.APIError, match="signal 9"):
-                async for _ in failing:
-                    pass
+        backend.script = failing_script
+        failing = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        with pytest.raises(openai.APIError, match="signal 9"):
+            async for _ in failing:
+                pass
 
 
 async def test_openai_client_text_completions_and_responses_against_the_app() -> None:
     backend = ScriptedBackend(script=tokens("Hello", ", world", finish="length"))
     backend.add_instance(RunnerReady())
-    async with serving(backend):
-        app = backend.app
-        assert app is not None
-        async with httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=app), base_url="http://exo/v1"
-        ) as h2:
-            client = openai.AsyncOpenAI(
-                api_key="unused", base_url="http://exo/v1", http_client=h2, max_retries=0
-            )
-            text = await client.completions.create(model=MODEL, prompt="Say", echo=True)
-            assert text.choices[0].text == "SayHello, world"
-            assert text.id.startswith("cmpl-")
-            assert text.choices[0].finish_reason == "length"
+    async with openai_client(backend) as client:
+        text = await client.completions.create(model=MODEL, prompt="Say", echo=True)
+        assert text.choices[0].text == "SayHello, world"
+        assert text.id.startswith("cmpl-")
+        assert text.choices[0].finish_reason == "length"
 
-            whole = await client.responses.create(
-                model=MODEL, input="hi", instructions="Be brief.", max_output_tokens=2
-            )
-            assert whole.output_text == "Hello, world"
-            assert (whole.status, whole.incomplete_details) == (
-                "incomplete",
-                IncompleteDetails(reason="max_output_tokens"),
-            )
-            assert whole.usage is not None and whole.usage.output_tokens == 2
-            message = whole.output[0]
-            assert isinstance(message, ResponseOutputMessage) and message.id.startswith("msg_")
-            assert whole.id.startswith("resp_")
+        whole = await client.responses.create(
+            model=MODEL, input="hi", instructions="Be brief.", max_output_tokens=2
+        )
+        assert whole.output_text == "Hello, world"
+        assert (whole.status, whole.incomplete_details) == (
+            "incomplete",
+            IncompleteDetails(reason="max_output_tokens"),
+        )
+        assert whole.usage is not None and whole.usage.output_tokens == 2
+        message = whole.output[0]
+        assert isinstance(message, ResponseOutputMessage) and message.id.startswith("msg_")
+        assert whole.id.startswith("resp_")
 
-            kinds: list[str] = []
-            deltas: list[str] = []
-            final: Response | None = None
-            async for event in await client.responses.create(
-                model=MODEL, input=[{"role": "user", "content": "hi"}], stream=True
-            ):
-                kinds.append(event.type)
-                if event.type == "response.output_text.delta":
-                    deltas.append(event.delta)
-                if event.type == "response.incomplete":
-                    final = event.response
-            assert kinds == [
-                "response.created",
-                "response.in_progress",
-                "response.output_item.added",
-                "response.content_part.added",
-                "response.output_text.delta",
-                "response.output_text.delta",
-                "response.output_text.done",
-                "response.content_part.done",
-                "response.output_item.done",
-                "response.incomplete",
-            ]
-            assert "".join(deltas) == "Hello, world"
-            assert final is not None and final.output_text == "Hello, world"
+        kinds: list[str] = []
+        deltas: list[str] = []
+        final: Response | None = None
+        async for event in await client.responses.create(
+            model=MODEL, input=[{"role": "user", "content": "hi"}], stream=True
+        ):
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+            if event.type == "response.incomplete":
+                final = event.response
+        assert kinds == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.incomplete",
+        ]
+        assert "".join(deltas) == "Hello, world"
+        assert final is not None and final.output_text == "Hello, world"
     creates = [c for c in backend.commands if isinstance(c, CreateTask)]
     assert creates[0].params.prompt == "Say" and creates[0].params.messages == ()
     assert creates[1].params.sampling.max_tokens == 2

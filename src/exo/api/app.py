@@ -61,6 +61,7 @@ from exo.api.translate import (
     completion_params,
     model_list,
     model_object,
+    reply_id,
     text_completion,
 )
 from exo.models.describe import UnsupportedModel
@@ -253,9 +254,11 @@ def create_app(
         params = chat_params(chat, card, settings.default_max_tokens)
         task_id = new_task_id()
         created = int(time.time())
-        include_usage = chat.stream_options is not None and chat.stream_options.include_usage
         chunks = ChunkBuilder(
-            completion_id=task_id, model=card.model_id, created=created, include_usage=include_usage
+            completion_id=task_id,
+            model=card.model_id,
+            created=created,
+            include_usage=chat.include_usage,
         )
         return answer(
             task_id,
@@ -278,13 +281,12 @@ def create_app(
         echo = params.prompt if asked.echo and params.prompt is not None else ""
         task_id = new_task_id()
         created = int(time.time())
-        include_usage = asked.stream_options is not None and asked.stream_options.include_usage
-        completion_id = "cmpl-" + task_id.removeprefix("chatcmpl-")  # OpenAI's prefix
+        completion_id = reply_id("cmpl-", task_id)
         chunks = TextChunkBuilder(
             completion_id=completion_id,
             model=card.model_id,
             created=created,
-            include_usage=include_usage,
+            include_usage=asked.include_usage,
             echo=echo,
         )
         return answer(

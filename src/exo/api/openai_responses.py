@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from exo.api.errors import ApiError
-from exo.api.openai_types import ContentPart, LenientRequest, SamplingRequest
-from exo.api.translate import sampling_for, unsupported
+from exo.api.openai_types import ContentPart, LenientRequest, SamplingRequest, Timings
+from exo.api.translate import reply_id, sampling_for, timings, unsupported
 from exo.shared.types.base import Frozen
 from exo.shared.types.chat import ChatMessage, ChatParams
 from exo.shared.types.models import ModelCard
@@ -103,13 +103,6 @@ class ResponseUsage(Frozen):
 
 class IncompleteDetails(Frozen):
     reason: Literal["max_output_tokens"] = "max_output_tokens"
-
-
-class Timings(Frozen):
-    """exo's own figures (an extension; OpenAI clients ignore it)."""
-
-    time_to_first_token_ms: float
-    decode_tokens_per_s: float
 
 
 class ResponseObject(Frozen):
@@ -205,12 +198,8 @@ def _message(item: InputItem, index: int) -> ChatMessage:
     return ChatMessage(role=role, content="\n".join(texts))
 
 
-def response_id(task_id: str) -> str:
-    return "resp_" + task_id.rsplit("-", 1)[-1]
-
-
 def _message_id(task_id: str) -> str:
-    return "msg_" + task_id.rsplit("-", 1)[-1]
+    return reply_id("msg_", task_id)
 
 
 def response_object(
@@ -235,7 +224,7 @@ def response_object(
             ),
         )
     return ResponseObject(
-        id=response_id(task_id),
+        id=reply_id("resp_", task_id),
         created_at=created_at,
         status=status,
         model=model,
@@ -253,12 +242,7 @@ def response_object(
         temperature=params.sampling.temperature,
         top_p=params.sampling.top_p,
         metadata=request.metadata or {},
-        timings=None
-        if end is None
-        else Timings(
-            time_to_first_token_ms=end.time_to_first_token_ms,
-            decode_tokens_per_s=end.decode_tokens_per_s,
-        ),
+        timings=None if end is None else timings(end),
     )
 
 

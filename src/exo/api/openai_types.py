@@ -67,6 +67,11 @@ class SamplingRequest(LenientRequest):
     # Accepted (OpenAI's clients send it); it changes nothing.
     user: StrictStr | None = None
 
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed reply ends with a chunk of usage."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[RequestMessage] = Field(min_length=1)

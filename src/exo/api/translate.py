@@ -46,6 +46,12 @@ SEED_MODULUS = 2**63
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def reply_id(prefix: str, task_id: str) -> str:
+    """An OpenAI-style id for what answers a task (`cmpl-`, `resp_`, ...): the task's own
+    random part behind the kind's prefix."""
+    return prefix + task_id.removeprefix("chatcmpl-")
+
+
 def unsupported(message: str, param: str) -> ApiError:
     return ApiError(400, message, code="unsupported_feature", param=param)
 
